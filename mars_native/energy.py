@@ -1,0 +1,151 @@
+"""Backdoor energy (BE) per neuron and concentrated backdoor energy (CBE) per model.
+
+BE of output channel ``k`` of a conv followed by a BatchNorm (the paper's eq. 3, its Lipschitz
+upper bound)::
+
+    BE_k = sigma_max(W[k] reshaped to (in_per_group, prod(kernel))) * |gamma_k| / sqrt(var_k + eps)
+
+A conv without a following BN uses scale 1; a Linear neuron's BE is ``||W[k, :]||_2``. The CBE
+concatenates, layer by layer, the top ``kappa`` share of each layer's BE values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from mars_native._arrays import as_float_array, to_numpy
+from mars_native._native import channel_spectral_norms, top_k_energy
+from mars_native.layers import Layer, find_layers
+
+Mode = Literal["paper", "official"]
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("paper", "official"):
+        raise ValueError(f"mode must be 'paper' or 'official', got {mode!r}")
+
+
+def bn_scale(
+    state_dict: Mapping[str, Any], bn_prefix: str, bn_eps: float = 1e-5, mode: Mode = "paper"
+) -> np.ndarray:
+    """``|gamma| / sqrt(var + eps)`` of the BatchNorm ``bn_prefix``, shape (features,), float64.
+
+    ``var`` below 0 is clipped to 0 (``max(var, 0)``, both modes); in ``mode="official"`` a NaN
+    ``running_var`` is treated as 0 like the authors' code. A BN without affine weight has
+    gamma = 1.
+    """
+    prefix = f"{bn_prefix}." if bn_prefix else ""
+    var = np.array(to_numpy(state_dict[prefix + "running_var"], name=prefix + "running_var"), dtype=np.float64)
+    if mode == "official":
+        var = np.where(np.isnan(var), 0.0, var)
+    var = np.maximum(var, 0.0)
+    gkey = prefix + "weight"
+    gamma = (
+        np.abs(np.asarray(to_numpy(state_dict[gkey], name=gkey), dtype=np.float64))
+        if gkey in state_dict
+        else np.ones_like(var)
+    )
+    return gamma / np.sqrt(var + bn_eps)
+
+
+def _layers(
+    state_dict: Mapping[str, Any],
+    layers: Sequence[Layer] | None,
+    include_linear: bool,
+    reference: Mapping[str, Any] | None,
+    layer_map: Any,
+    mode: Mode,
+) -> list[Layer]:
+    if layers is not None:
+        return list(layers)
+    official = mode == "official"
+    return find_layers(
+        state_dict,
+        include_linear=include_linear and not official,
+        reference=reference,
+        layer_map=layer_map,
+        require_bn=official,
+    )
+
+
+def backdoor_energy(
+    state_dict: Mapping[str, Any],
+    *,
+    include_linear: bool = False,
+    reference: Mapping[str, Any] | None = None,
+    layer_map: Any = None,
+    layers: Sequence[Layer] | None = None,
+    bn_eps: float = 1e-5,
+    mode: Mode = "paper",
+    n_threads: int | None = None,
+) -> dict[str, np.ndarray]:
+    """BE of every neuron of every scored layer.
+
+    Args:
+        state_dict: name -> NumPy array or torch tensor (read without copies when float32/64).
+        include_linear: also score Linear layers (off by default, like the paper).
+        reference, layer_map: see :func:`mars_native.find_layers` (conv -> BN pairing).
+        layers: precomputed ``find_layers`` result (skips the search).
+        bn_eps: the BatchNorm epsilon.
+        mode: "paper", or "official" (only convs directly followed by a BN; NaN var -> 0).
+        n_threads: threads for the spectral norms (None: library default).
+
+    Returns:
+        layer name -> BE values, float64 array of shape (out_channels,), in layer order.
+    """
+    _check_mode(mode)
+    out: dict[str, np.ndarray] = {}
+    for layer in _layers(state_dict, layers, include_linear, reference, layer_map, mode):
+        weight = as_float_array(state_dict[layer.weight_key], name=layer.weight_key)
+        scale = bn_scale(state_dict, layer.bn_prefix, bn_eps, mode) if layer.bn_prefix is not None else None
+        if layer.kind == "linear":
+            weight = weight.reshape(weight.shape[0], weight.shape[1], 1)
+        out[layer.name] = channel_spectral_norms(weight, scale, n_threads=n_threads)
+    return out
+
+
+def concentrated_backdoor_energy(
+    state_dict: Mapping[str, Any],
+    kappa: float = 0.05,
+    mode: Mode = "paper",
+    *,
+    include_linear: bool = False,
+    reference: Mapping[str, Any] | None = None,
+    layer_map: Any = None,
+    layers: Sequence[Layer] | None = None,
+    bn_eps: float = 1e-5,
+    n_threads: int | None = None,
+) -> np.ndarray:
+    """The CBE of one model: per scored layer, the top ``kappa`` share of its BE values,
+    concatenated in layer order. float64 array of shape (d,).
+
+    ``mode="paper"`` keeps ``max(1, ceil(kappa * n))`` values per layer (sorted descending);
+    ``mode="official"`` keeps every value ``>=`` the linearly interpolated ``(1 - kappa)``
+    quantile (ties included) in channel order, like the authors' code.
+
+    Raises ``ValueError`` when no layer can be scored (the message lists what was looked for).
+    """
+    _check_mode(mode)
+    energies = backdoor_energy(
+        state_dict,
+        include_linear=include_linear,
+        reference=reference,
+        layer_map=layer_map,
+        layers=layers,
+        bn_eps=bn_eps,
+        mode=mode,
+        n_threads=n_threads,
+    )
+    if not energies:
+        what = "conv layers followed by a BatchNorm" if mode == "official" else "conv (ndim >= 3) weights"
+        raise ValueError(f"no scorable layer: the state_dict has no {what}" + (
+            "" if include_linear or mode == "official" else " (pass include_linear=True to score Linear layers)"
+        ))
+    rule = "ceil" if mode == "paper" else "quantile"
+    parts = [top_k_energy(be, kappa, rule=rule) for be in energies.values() if be.size]
+    if not parts:
+        raise ValueError("no scorable layer: every scored layer has zero output channels")
+    return np.concatenate(parts)

@@ -1,0 +1,83 @@
+"""Checks of one client's state_dict against a template (the global model or the first valid
+client). Every problem becomes a machine-readable reason ``"<code>: <detail>"``; nothing raises.
+
+Codes: ``invalid_type``, ``missing_keys``, ``extra_keys``, ``shape_mismatch``, ``dtype_mismatch``,
+``non_finite``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mars_native._arrays import is_mapping, to_numpy
+
+#: key -> (shape, dtype) of a state_dict.
+Template = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def _short(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def state_template(state: Any) -> Template:
+    """The keys, shapes and dtypes of ``state`` (a mapping of name -> array/tensor)."""
+    if not is_mapping(state):
+        raise TypeError(f"expected a state_dict (mapping of name -> tensor), got {type(state).__name__}")
+    out: Template = {}
+    for key in state.keys():
+        arr = to_numpy(state[key], name=str(key))
+        out[str(key)] = (tuple(int(s) for s in arr.shape), arr.dtype)
+    return out
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """True when every value of a float array is finite. One pass, no temporary: the sum of
+    finite values is finite unless it overflows, in which case the exact test decides."""
+    if arr.dtype.kind not in "fc" or arr.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(arr, dtype=np.float64)
+    if np.isfinite(total):
+        return True
+    return bool(np.isfinite(arr).all())
+
+
+def check_state(state: Any, template: Template | None = None) -> str | None:
+    """Why ``state`` cannot be used, or ``None`` when it can.
+
+    Checks, in order: it is a mapping of arrays/tensors; with a ``template``, the same keys, shapes
+    and dtypes; every float value is finite (all tensors, not only scored layers).
+    """
+    if not is_mapping(state):
+        return f"invalid_type: expected a state_dict mapping, got {type(state).__name__}"
+    arrays: dict[str, np.ndarray] = {}
+    for key in state.keys():
+        try:
+            arrays[str(key)] = to_numpy(state[key], name=str(key))
+        except TypeError as exc:
+            return f"invalid_type: {exc}"
+        if arrays[str(key)].dtype.kind not in "fiub":
+            return f"invalid_type: {key!r} has unsupported dtype {arrays[str(key)].dtype}"
+    if not arrays:
+        return "invalid_type: empty state_dict"
+    if template is not None:
+        missing = [k for k in template if k not in arrays]
+        if missing:
+            return f"missing_keys: {_short(missing)} (present in the reference model)"
+        extra = [k for k in arrays if k not in template]
+        if extra:
+            return f"extra_keys: {_short(extra)} (absent from the reference model)"
+        for key, arr in arrays.items():
+            shape, dtype = template[key]
+            if tuple(arr.shape) != shape:
+                return f"shape_mismatch: {key!r} has shape {tuple(arr.shape)}, the reference has {shape}"
+            if arr.dtype != dtype:
+                return f"dtype_mismatch: {key!r} is {arr.dtype}, the reference is {dtype}"
+    for key, arr in arrays.items():
+        if not all_finite(arr):
+            n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            return f"non_finite: {key!r} has {n_bad} NaN/Inf value(s) of {arr.size}"
+    return None

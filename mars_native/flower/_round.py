@@ -177,7 +177,7 @@ def check_weight(value: Any, key: str) -> tuple[float | None, str | None]:
 def check_layout(
     state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
 ) -> str | None:
-    """Compare a client state with the global model's keys and shapes; ``None`` when it fits."""
+    """Compare a client state with the reference keys, shapes, dtypes; ``None`` when it fits."""
     missing = [k for k in reference if k not in state]
     if missing:
         return f"missing_keys: {len(missing)} array(s) absent, e.g. {missing[:3]}"
@@ -188,8 +188,10 @@ def check_layout(
         if tuple(state[k].shape) != tuple(ref.shape):
             return (
                 f"shape_mismatch: '{k}' has shape {tuple(state[k].shape)}, "
-                f"the global model has {tuple(ref.shape)}"
+                f"the reference model has {tuple(ref.shape)}"
             )
+        if state[k].dtype != ref.dtype:
+            return f"dtype_mismatch: '{k}' is {state[k].dtype}, the reference model is {ref.dtype}"
     return None
 
 
@@ -235,7 +237,7 @@ def _restore_dtypes(
             if ref.dtype.kind in "iub" and a.dtype.kind == "f":
                 a = np.rint(a)
             a = a.astype(ref.dtype)
-        out[k] = np.ascontiguousarray(a)
+        out[k] = np.require(a, requirements="C")  # keeps 0-d arrays 0-d
     return out
 
 

@@ -42,7 +42,7 @@ def arrayrecord_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def state_to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Encode ``{name: ndarray}`` as an ArrayRecord (keys, order and dtypes kept)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in state.items()})
 
 
 def _metrics_of(content: RecordDict) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_bar_trigger_pixels_values_and_gradient():
     v = torch.zeros(1, 8, requires_grad=True)
     bars.stamp(x, v).sum().backward()
     assert torch.equal(v.grad, torch.full((1, 8), 4.0))
-    mnist = BarTrigger(rows=(0, 4), col_groups=(range(0, 6), range(9, 15))).setup((1, 28, 28),
+    mnist = BarTrigger(rows=(0, 4), col_groups=(range(6), range(9, 15))).setup((1, 28, 28),
                                                                                     normalize)
     assert mnist.num_pixels == 24
 

@@ -16,7 +16,7 @@ in [0, 1]); every trigger value is stored in normalised units and written into e
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

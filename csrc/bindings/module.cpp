@@ -4,4 +4,7 @@
 PYBIND11_MODULE(_core, m) {
   m.doc() = "mars_native compiled core (C++17). Use the mars_native package, not this module.";
   mars_bindings::register_info(m);
+  mars_bindings::register_spectral(m);
+  mars_bindings::register_topk(m);
+  mars_bindings::register_wasserstein(m);
 }

@@ -1,0 +1,32 @@
+// Per-channel largest singular value of a convolution / linear weight.
+//
+// The weight is C-contiguous with shape (out, rows, cols): channel k's matrix M_k is the
+// (rows x cols) block starting at w + k * rows * cols, where rows = weight.shape[1] (input
+// channels per group) and cols = prod(kernel) (1 for a Linear layer, whose per-row matrix is a
+// column vector so sigma = ||row||_2). result[k] = sigma_max(M_k) * scale[k] (scale may be null).
+//
+// Method: the fp64 Gram matrix of the smaller side (cols <= rows: M^T M, cols x cols; otherwise
+// M M^T, rows x rows), then its largest eigenvalue (symeig.hpp), sigma = sqrt(max(lambda, 0)).
+// Products of float32 values are exact in fp64, so for float32 input only the fp64 summation
+// rounds. float64 input whose magnitude would overflow or underflow the squares is rescaled by
+// an exact power of two first. A channel containing NaN or Inf yields NaN.
+//
+// Channels are distributed over threads with mars::parallel::parallel_for; each channel is
+// computed by exactly one thread in a fixed order, so results are bit-identical for any thread
+// count.
+#pragma once
+
+#include <cstdint>
+
+namespace mars {
+namespace spectral {
+
+void channel_spectral_norms(const float* weight, std::int64_t out, std::int64_t rows,
+                            std::int64_t cols, const double* scale, double* result,
+                            int n_threads);
+void channel_spectral_norms(const double* weight, std::int64_t out, std::int64_t rows,
+                            std::int64_t cols, const double* scale, double* result,
+                            int n_threads);
+
+}  // namespace spectral
+}  // namespace mars

@@ -1,0 +1,285 @@
+// aggregate(buffers, weights, out_dtype, n_threads, base, server_lr) -> weighted mean array
+// accumulate(acc, x, weight, n_threads) -> (max_abs, checksum); acc += weight * x in place
+// finalize_mean(acc, total_weight, out_dtype, n_threads, base, server_lr) -> array
+//
+// These read float32/float64 arrays in place: no conversion and no copy. Anything else (other
+// dtypes, non-contiguous or misaligned views, read-only accumulators) is a TypeError/ValueError
+// naming the argument; mars_native.aggregation converts and validates for Python users.
+#include <cstring>
+#include <vector>
+
+#include "common.hpp"
+#include "mars/aggregate.hpp"
+
+namespace mars_bindings {
+
+namespace {
+
+enum class Float { f32, f64 };
+
+std::string item_name(const char* name, std::size_t i) {
+  return std::string(name) + "[" + std::to_string(i) + "]";
+}
+
+// The dtype of a float32/float64 ndarray; TypeError for anything else.
+Float float_kind(const py::handle& obj, const std::string& name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(name + " must be a numpy.ndarray of float32 or float64, got " +
+                         py::str(py::type::of(obj)).cast<std::string>());
+  }
+  const auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (arr.dtype().equal(py::dtype::of<float>())) return Float::f32;
+  if (arr.dtype().equal(py::dtype::of<double>())) return Float::f64;
+  throw py::type_error(name + " must be float32 or float64, got " + describe(arr));
+}
+
+// ValueError unless arr can be read as a flat buffer: C-contiguous and aligned.
+void require_flat(const py::array& arr, const std::string& name) {
+  if (!(arr.flags() & py::array::c_style)) {
+    throw std::invalid_argument(name + " must be C-contiguous (got a strided view with " +
+                                describe(arr) + "); pass numpy.ascontiguousarray(...)");
+  }
+  if (!(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+    throw std::invalid_argument(name + " must be aligned to its dtype (" + describe(arr) +
+                                "); pass a copy");
+  }
+}
+
+Float parse_out_dtype(const py::object& out_dtype, Float fallback) {
+  if (out_dtype.is_none()) return fallback;
+  const py::dtype dt = py::dtype::from_args(out_dtype);  // TypeError for junk
+  if (dt.equal(py::dtype::of<float>())) return Float::f32;
+  if (dt.equal(py::dtype::of<double>())) return Float::f64;
+  throw py::type_error("out_dtype must be float32 or float64, got " +
+                       py::str(dt).cast<std::string>());
+}
+
+double finite_arg(double v, const char* name) {
+  if (!std::isfinite(v)) {
+    throw std::invalid_argument(std::string(name) + " must be finite, got " +
+                                py::repr(py::float_(v)).cast<std::string>());
+  }
+  return v;
+}
+
+std::vector<py::ssize_t> shape_of(const py::array& a) {
+  return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim());
+}
+
+template <typename O>
+py::array make_output(const std::vector<py::ssize_t>& shape) {
+  return py::array_t<O>(shape);
+}
+
+template <typename T, typename O>
+py::array aggregate_typed(const std::vector<py::array>& buffers, const std::vector<double>& w,
+                          const py::array* base, double server_lr, int n_threads) {
+  const auto shape = shape_of(buffers[0]);
+  py::array out = make_output<O>(shape);
+  std::vector<const T*> ptrs(buffers.size());
+  for (std::size_t i = 0; i < buffers.size(); ++i) {
+    ptrs[i] = static_cast<const T*>(buffers[i].data());
+  }
+  const T* bp = base ? static_cast<const T*>(base->data()) : nullptr;
+  O* op = static_cast<O*>(out.mutable_data());
+  const auto n = static_cast<std::int64_t>(buffers[0].size());
+  {
+    py::gil_scoped_release release;
+    mars::aggregate::aggregate<T, O>(ptrs.data(), w.data(), static_cast<std::int64_t>(ptrs.size()),
+                                     n, op, n_threads, bp, server_lr);
+  }
+  return out;
+}
+
+py::array aggregate(const py::object& buffers_obj, const py::object& weights_obj,
+                    const py::object& out_dtype, int n_threads, const py::object& base_obj,
+                    double server_lr) {
+  n_threads = threads_arg(n_threads);
+  finite_arg(server_lr, "server_lr");
+  if (!py::isinstance<py::list>(buffers_obj) && !py::isinstance<py::tuple>(buffers_obj)) {
+    throw py::type_error("buffers must be a list or tuple of arrays, got " +
+                         py::str(py::type::of(buffers_obj)).cast<std::string>());
+  }
+  const auto seq = py::reinterpret_borrow<py::sequence>(buffers_obj);
+  if (py::len(seq) == 0) throw std::invalid_argument("buffers must not be empty");
+  std::vector<py::array> buffers;
+  buffers.reserve(py::len(seq));
+  Float kind = Float::f32;
+  for (std::size_t i = 0; i < py::len(seq); ++i) {
+    const py::object item = seq[i];
+    const std::string name = item_name("buffers", i);
+    const Float k = float_kind(item, name);
+    auto arr = py::reinterpret_borrow<py::array>(item);
+    if (i == 0) {
+      kind = k;
+    } else {
+      if (k != kind) {
+        throw py::type_error(name + " has " + describe(arr) + " but buffers[0] has " +
+                             describe(buffers[0]) + "; all buffers must share one dtype");
+      }
+      if (shape_of(arr) != shape_of(buffers[0])) {
+        throw std::invalid_argument(name + " has shape " + shape_str(arr) +
+                                    " but buffers[0] has shape " + shape_str(buffers[0]));
+      }
+    }
+    require_flat(arr, name);
+    buffers.push_back(std::move(arr));
+  }
+  DoubleArray weights = as_float64(weights_obj, "weights");
+  if (weights.ndim() != 1 || weights.shape(0) != static_cast<py::ssize_t>(buffers.size())) {
+    throw std::invalid_argument("weights must have shape (" + std::to_string(buffers.size()) +
+                                ",) (one per buffer), got shape " + shape_str(weights));
+  }
+  require_finite(weights, "weights");
+  std::vector<double> w(weights.data(), weights.data() + weights.shape(0));
+  double total = 0.0;
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    if (w[i] < 0.0) {
+      throw std::invalid_argument("weights must be >= 0, got " + std::to_string(w[i]) +
+                                  " at index " + std::to_string(i));
+    }
+    total += w[i];
+  }
+  if (!(total > 0.0) || !std::isfinite(total)) {
+    throw std::invalid_argument("weights must have a positive, finite sum, got " +
+                                std::to_string(total));
+  }
+  py::array base;
+  const bool has_base = !base_obj.is_none();
+  if (has_base) {
+    if (float_kind(base_obj, "base") != kind) {
+      throw py::type_error("base has " + describe(py::reinterpret_borrow<py::array>(base_obj)) +
+                           " but the buffers have dtype " + dtype_str(buffers[0]));
+    }
+    base = py::reinterpret_borrow<py::array>(base_obj);
+    if (shape_of(base) != shape_of(buffers[0])) {
+      throw std::invalid_argument("base has shape " + shape_str(base) +
+                                  " but the buffers have shape " + shape_str(buffers[0]));
+    }
+    require_flat(base, "base");
+  }
+  const Float out_kind = parse_out_dtype(out_dtype, kind);
+  const py::array* bp = has_base ? &base : nullptr;
+  if (kind == Float::f32) {
+    return out_kind == Float::f32 ? aggregate_typed<float, float>(buffers, w, bp, server_lr, n_threads)
+                                  : aggregate_typed<float, double>(buffers, w, bp, server_lr, n_threads);
+  }
+  return out_kind == Float::f32 ? aggregate_typed<double, float>(buffers, w, bp, server_lr, n_threads)
+                                : aggregate_typed<double, double>(buffers, w, bp, server_lr, n_threads);
+}
+
+// The float64 accumulator: C-contiguous, aligned, writeable.
+py::array accumulator_arg(const py::object& acc_obj) {
+  if (float_kind(acc_obj, "acc") != Float::f64) {
+    throw py::type_error("acc must be float64, got " +
+                         describe(py::reinterpret_borrow<py::array>(acc_obj)));
+  }
+  auto acc = py::reinterpret_borrow<py::array>(acc_obj);
+  require_flat(acc, "acc");
+  return acc;
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+  const auto* a0 = static_cast<const char*>(a.data());
+  const auto* b0 = static_cast<const char*>(b.data());
+  return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+py::tuple accumulate(const py::object& acc_obj, const py::object& x_obj, double weight,
+                     int n_threads) {
+  n_threads = threads_arg(n_threads);
+  finite_arg(weight, "weight");
+  py::array acc = accumulator_arg(acc_obj);
+  if (!acc.writeable()) throw std::invalid_argument("acc must be writeable (got a read-only array)");
+  const Float kind = float_kind(x_obj, "x");
+  auto x = py::reinterpret_borrow<py::array>(x_obj);
+  require_flat(x, "x");
+  if (x.size() != acc.size()) {
+    throw std::invalid_argument("x has " + std::to_string(x.size()) + " elements (shape " +
+                                shape_str(x) + ") but acc has " + std::to_string(acc.size()) +
+                                " (shape " + shape_str(acc) + ")");
+  }
+  if (overlaps(acc, x) && acc.data() != x.data()) {
+    throw std::invalid_argument("x and acc overlap in memory; pass a copy of x");
+  }
+  double* ap = static_cast<double*>(acc.mutable_data());
+  const auto n = static_cast<std::int64_t>(acc.size());
+  mars::aggregate::BufferStats stats;
+  {
+    py::gil_scoped_release release;
+    if (kind == Float::f32) {
+      stats = mars::aggregate::accumulate<float>(ap, static_cast<const float*>(x.data()), weight,
+                                                 n, n_threads);
+    } else {
+      stats = mars::aggregate::accumulate<double>(ap, static_cast<const double*>(x.data()),
+                                                  weight, n, n_threads);
+    }
+  }
+  return py::make_tuple(stats.max_abs, py::int_(stats.checksum));
+}
+
+template <typename T, typename O>
+py::array finalize_typed(const py::array& acc, double total_weight, const py::array* base,
+                         double server_lr, int n_threads) {
+  py::array out = make_output<O>(shape_of(acc));
+  const double* ap = static_cast<const double*>(acc.data());
+  const T* bp = base ? static_cast<const T*>(base->data()) : nullptr;
+  O* op = static_cast<O*>(out.mutable_data());
+  const auto n = static_cast<std::int64_t>(acc.size());
+  {
+    py::gil_scoped_release release;
+    mars::aggregate::finalize<T, O>(ap, total_weight, n, op, n_threads, bp, server_lr);
+  }
+  return out;
+}
+
+py::array finalize_mean(const py::object& acc_obj, double total_weight, const py::object& out_dtype,
+                        int n_threads, const py::object& base_obj, double server_lr) {
+  n_threads = threads_arg(n_threads);
+  finite_arg(server_lr, "server_lr");
+  if (!(total_weight > 0.0) || !std::isfinite(total_weight)) {
+    throw std::invalid_argument("total_weight must be positive and finite, got " +
+                                py::repr(py::float_(total_weight)).cast<std::string>());
+  }
+  py::array acc = accumulator_arg(acc_obj);
+  const Float out_kind = parse_out_dtype(out_dtype, Float::f64);
+  if (base_obj.is_none()) {
+    return out_kind == Float::f32 ? finalize_typed<double, float>(acc, total_weight, nullptr, server_lr, n_threads)
+                                  : finalize_typed<double, double>(acc, total_weight, nullptr, server_lr, n_threads);
+  }
+  const Float kind = float_kind(base_obj, "base");
+  auto base = py::reinterpret_borrow<py::array>(base_obj);
+  require_flat(base, "base");
+  if (base.size() != acc.size()) {
+    throw std::invalid_argument("base has " + std::to_string(base.size()) + " elements (shape " +
+                                shape_str(base) + ") but acc has " + std::to_string(acc.size()) +
+                                " (shape " + shape_str(acc) + ")");
+  }
+  if (kind == Float::f32) {
+    return out_kind == Float::f32 ? finalize_typed<float, float>(acc, total_weight, &base, server_lr, n_threads)
+                                  : finalize_typed<float, double>(acc, total_weight, &base, server_lr, n_threads);
+  }
+  return out_kind == Float::f32 ? finalize_typed<double, float>(acc, total_weight, &base, server_lr, n_threads)
+                                : finalize_typed<double, double>(acc, total_weight, &base, server_lr, n_threads);
+}
+
+}  // namespace
+
+void register_aggregate(py::module_& m) {
+  m.def("aggregate", &aggregate, py::arg("buffers"), py::arg("weights"),
+        py::arg("out_dtype") = py::none(), py::arg("n_threads") = 0, py::arg("base") = py::none(),
+        py::arg("server_lr") = 1.0,
+        "Weighted mean of equally shaped float32/float64 arrays (one dtype, C-contiguous) with fp64 "
+        "accumulation in buffer order: sum_i w_i x_i / sum_i w_i; with base: base + server_lr * "
+        "(mean - base). Zero-weight buffers are not read. Bit-identical for any n_threads.");
+  m.def("accumulate", &accumulate, py::arg("acc"), py::arg("x"), py::arg("weight"),
+        py::arg("n_threads") = 0,
+        "acc += weight * x in place (acc float64, x float32/float64, same size, C-contiguous). "
+        "Returns (max |x|, 64-bit checksum of x's bit patterns).");
+  m.def("finalize_mean", &finalize_mean, py::arg("acc"), py::arg("total_weight"),
+        py::arg("out_dtype") = py::none(), py::arg("n_threads") = 0, py::arg("base") = py::none(),
+        py::arg("server_lr") = 1.0,
+        "acc / total_weight (or base + server_lr * (acc / total_weight - base)) as float32/float64.");
+}
+
+}  // namespace mars_bindings

@@ -1,0 +1,124 @@
+#include "mars/aggregate.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+
+#include "mars/parallel.hpp"
+
+namespace mars {
+namespace aggregate {
+
+namespace {
+
+// Elements per cache block: the fp64 partial sums of one block (8 KiB) stay in L1 while every
+// client's slice of the block streams through once.
+constexpr std::int64_t kBlock = 1024;
+// Minimum elements per thread chunk (smaller arrays run on the calling thread).
+constexpr std::int64_t kGrain = 1 << 15;
+
+template <typename T, typename O>
+inline void write_block(const double* acc, double total_weight, std::int64_t len, O* out,
+                        const T* base, double server_lr) {
+  if (base == nullptr) {
+    for (std::int64_t j = 0; j < len; ++j) out[j] = static_cast<O>(acc[j] / total_weight);
+  } else {
+    for (std::int64_t j = 0; j < len; ++j) {
+      const double g = static_cast<double>(base[j]);
+      out[j] = static_cast<O>(g + server_lr * (acc[j] / total_weight - g));
+    }
+  }
+}
+
+template <typename T>
+inline std::uint64_t bits_of(T v) {
+  if constexpr (sizeof(T) == 4) {
+    std::uint32_t b;
+    std::memcpy(&b, &v, 4);
+    return b;
+  } else {
+    std::uint64_t b;
+    std::memcpy(&b, &v, 8);
+    return b;
+  }
+}
+
+}  // namespace
+
+template <typename T, typename O>
+void aggregate(const T* const* buffers, const double* weights, std::int64_t n_buffers,
+               std::int64_t n_elems, O* out, int n_threads, const T* base, double server_lr) {
+  double total_weight = 0.0;
+  for (std::int64_t i = 0; i < n_buffers; ++i) total_weight += weights[i];
+  parallel::parallel_for(n_elems, n_threads, kGrain, [&](std::int64_t begin, std::int64_t end) {
+    double acc[kBlock];
+    for (std::int64_t b = begin; b < end; b += kBlock) {
+      const std::int64_t len = std::min(kBlock, end - b);
+      std::fill(acc, acc + len, 0.0);
+      for (std::int64_t i = 0; i < n_buffers; ++i) {
+        const double w = weights[i];
+        if (w == 0.0) continue;  // a zero weight means "not included": the buffer is not read
+        const T* x = buffers[i] + b;
+        for (std::int64_t j = 0; j < len; ++j) acc[j] += w * static_cast<double>(x[j]);
+      }
+      write_block(acc, total_weight, len, out + b, base == nullptr ? nullptr : base + b,
+                  server_lr);
+    }
+  });
+}
+
+template <typename T>
+BufferStats accumulate(double* acc, const T* x, double weight, std::int64_t n, int n_threads) {
+  BufferStats total;
+  bool any_nan = false;
+  std::mutex mutex;
+  parallel::parallel_for(n, n_threads, kGrain, [&](std::int64_t begin, std::int64_t end) {
+    double max_abs = 0.0;
+    bool nan = false;
+    std::uint64_t checksum = 0;
+    for (std::int64_t j = begin; j < end; ++j) {
+      const double v = static_cast<double>(x[j]);
+      acc[j] += weight * v;
+      const double a = std::fabs(v);
+      nan |= (a != a);
+      max_abs = a > max_abs ? a : max_abs;
+      checksum += checksum_term(bits_of(x[j]), static_cast<std::uint64_t>(j));
+    }
+    // max and modular sums are exact and commutative: the combined result does not depend on
+    // how the range was split.
+    std::lock_guard<std::mutex> lock(mutex);
+    total.max_abs = std::max(total.max_abs, max_abs);
+    total.checksum += checksum;
+    any_nan = any_nan || nan;
+  });
+  if (any_nan) total.max_abs = std::numeric_limits<double>::quiet_NaN();
+  return total;
+}
+
+template <typename T, typename O>
+void finalize(const double* acc, double total_weight, std::int64_t n, O* out, int n_threads,
+              const T* base, double server_lr) {
+  parallel::parallel_for(n, n_threads, kGrain, [&](std::int64_t begin, std::int64_t end) {
+    write_block(acc + begin, total_weight, end - begin, out + begin,
+                base == nullptr ? nullptr : base + begin, server_lr);
+  });
+}
+
+#define MARS_AGGREGATE_INSTANTIATE(T, O)                                                      \
+  template void aggregate<T, O>(const T* const*, const double*, std::int64_t, std::int64_t,  \
+                                O*, int, const T*, double);                                    \
+  template void finalize<T, O>(const double*, double, std::int64_t, O*, int, const T*, double);
+
+MARS_AGGREGATE_INSTANTIATE(float, float)
+MARS_AGGREGATE_INSTANTIATE(float, double)
+MARS_AGGREGATE_INSTANTIATE(double, float)
+MARS_AGGREGATE_INSTANTIATE(double, double)
+#undef MARS_AGGREGATE_INSTANTIATE
+
+template BufferStats accumulate<float>(double*, const float*, double, std::int64_t, int);
+template BufferStats accumulate<double>(double*, const double*, double, std::int64_t, int);
+
+}  // namespace aggregate
+}  // namespace mars

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 
 #include "mars/parallel.hpp"
 
@@ -19,15 +20,32 @@ constexpr std::int64_t kBlock = 1024;
 // Minimum elements per thread chunk (smaller arrays run on the calling thread).
 constexpr std::int64_t kGrain = 1 << 15;
 
+// double -> O with IEEE round-to-nearest semantics, also out of float's range (where a plain
+// static_cast is undefined behaviour): beyond FLT_MAX + half an ulp the result is +-inf.
+template <typename O>
+inline O narrow(double v) {
+  if constexpr (std::is_same_v<O, double>) {
+    return v;
+  } else {
+    constexpr double kMax = static_cast<double>(std::numeric_limits<float>::max());
+    constexpr double kOverflow = 0x1.ffffffp127;  // FLT_MAX + half an ulp: rounds to inf
+    const double a = std::fabs(v);
+    if (a <= kMax || a != a) return static_cast<float>(v);
+    const float big = a < kOverflow ? std::numeric_limits<float>::max()
+                                    : std::numeric_limits<float>::infinity();
+    return v < 0 ? -big : big;
+  }
+}
+
 template <typename T, typename O>
 inline void write_block(const double* acc, double total_weight, std::int64_t len, O* out,
                         const T* base, double server_lr) {
   if (base == nullptr) {
-    for (std::int64_t j = 0; j < len; ++j) out[j] = static_cast<O>(acc[j] / total_weight);
+    for (std::int64_t j = 0; j < len; ++j) out[j] = narrow<O>(acc[j] / total_weight);
   } else {
     for (std::int64_t j = 0; j < len; ++j) {
       const double g = static_cast<double>(base[j]);
-      out[j] = static_cast<O>(g + server_lr * (acc[j] / total_weight - g));
+      out[j] = narrow<O>(g + server_lr * (acc[j] / total_weight - g));
     }
   }
 }

@@ -1,0 +1,281 @@
+"""The aggregate kernels (_core.aggregate / accumulate / finalize_mean) and weighted_mean.
+
+Against the NumPy twins in reference.py: the compiled loop may fuse ``acc += w * x`` into one
+FMA, so sums agree within a few float64 ulps of ``sum_i |w_i x_i| / sum_i w_i`` (tolerance
+below), not bit for bit; the statistics of accumulate (max |x|, checksum) are exact. The thread
+count never changes a bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mars_native import _core, reference
+from mars_native.aggregation import weighted_mean
+
+EPS64 = np.finfo(np.float64).eps
+float_dtypes = st.sampled_from([np.float32, np.float64])
+shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9)
+weight_values = st.one_of(st.just(0.0), st.floats(min_value=1e-3, max_value=1e3))
+
+
+def _values(dtype):
+    bound = float(np.float32(1e30)) if dtype == np.float32 else 1e200
+    return st.floats(min_value=-bound, max_value=bound, width=32 if dtype == np.float32 else 64,
+                     allow_subnormal=True)
+
+
+@st.composite
+def rounds(draw, with_base=False):
+    """(buffers, weights, base, server_lr): N same-shape, same-dtype arrays and valid weights."""
+    dtype = draw(float_dtypes)
+    shape = draw(shapes)
+    n = draw(st.integers(1, 6))
+    bufs = [draw(hnp.arrays(dtype, shape, elements=_values(dtype))) for _ in range(n)]
+    weights = draw(st.lists(weight_values, min_size=n, max_size=n))
+    assume(sum(weights) > 0)
+    base = draw(hnp.arrays(dtype, shape, elements=_values(dtype))) if with_base else None
+    lr = draw(st.floats(min_value=-2.0, max_value=2.0)) if with_base else 1.0
+    return bufs, np.asarray(weights), base, lr
+
+
+def _tolerance(bufs, weights, base, lr):
+    """Error bound of a weighted mean computed in float64 in two ways (FMA or not)."""
+    scale = sum(w * np.abs(b.astype(np.float64)) for w, b in zip(weights, bufs)) / weights.sum()
+    n = len(bufs) + 2
+    if base is not None:
+        g = np.abs(base.astype(np.float64))
+        scale = (1 + abs(lr)) * (scale + g) + g
+    return 4 * n * EPS64 * scale + np.finfo(np.float64).tiny
+
+
+@given(st.booleans().flatmap(lambda with_base: rounds(with_base=with_base)))
+def test_aggregate_matches_reference_float64_output(case):
+    bufs, w, base, lr = case
+    got = _core.aggregate(bufs, w, np.float64, 0, base, lr)
+    expected = reference.aggregate(bufs, w, np.float64, base, lr)
+    assert got.shape == bufs[0].shape and got.dtype == np.float64
+    assert np.all(np.abs(got - expected) <= _tolerance(bufs, w, base, lr))
+
+
+@given(rounds(), st.booleans())
+def test_aggregate_float32_output_is_the_rounded_float64_mean(case, with_base):
+    bufs, w, _, _ = case
+    base = bufs[0] if with_base else None
+    got32 = _core.aggregate(bufs, w, np.float32, 0, base, 0.5)
+    got64 = _core.aggregate(bufs, w, np.float64, 0, base, 0.5)
+    assert got32.dtype == np.float32
+    with np.errstate(over="ignore"):  # float64 data may exceed float32's range: +-inf, as numpy
+        np.testing.assert_array_equal(got32, got64.astype(np.float32))
+
+
+@given(rounds())
+def test_integer_data_and_weights_are_exact(case):
+    # integer-valued data and weights: every product and partial sum is an integer below 2**53,
+    # exact in float64 with or without FMA, so the kernel and the twin agree bit for bit.
+    bufs, w, _, _ = case
+    bufs = [np.asarray(np.clip(b, -1e6, 1e6).round(), dtype=np.float32) for b in bufs]
+    w = np.floor(w)
+    assume(w.sum() > 0)
+    got = _core.aggregate(bufs, w, np.float32)
+    np.testing.assert_array_equal(got, reference.aggregate(bufs, w, np.float32))
+
+
+def test_equal_weights_give_the_plain_mean():
+    rng = np.random.default_rng(0)
+    bufs = [rng.standard_normal((7, 5)).astype(np.float32) for _ in range(4)]
+    got = _core.aggregate(bufs, [2.0, 2.0, 2.0, 2.0], np.float64)
+    np.testing.assert_allclose(got, np.mean(np.stack(bufs).astype(np.float64), axis=0), rtol=1e-15)
+
+
+def test_zero_weight_buffers_are_not_read():
+    good = np.ones(5, np.float32)
+    poisoned = np.full(5, np.nan, np.float32)
+    got = _core.aggregate([good, poisoned], [1.0, 0.0])
+    np.testing.assert_array_equal(got, good)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thread_count_never_changes_a_bit(dtype):
+    rng = np.random.default_rng(1)
+    n = 300_007  # several chunks of the parallel loop and a ragged tail
+    bufs = [(rng.standard_normal(n) * 10.0 ** rng.integers(-5, 5, n)).astype(dtype) for _ in range(5)]
+    w = rng.random(5) * 100
+    base = rng.standard_normal(n).astype(dtype)
+    ref = _core.aggregate(bufs, w, np.float64, 1, base, 0.8)
+    acc1 = np.zeros(n)
+    stats1 = [_core.accumulate(acc1, b, wi, 1) for b, wi in zip(bufs, w)]
+    fin1 = _core.finalize_mean(acc1, w.sum(), np.float64, 1, base, 0.8)
+    for threads in (2, 3, 7):
+        assert _core.aggregate(bufs, w, np.float64, threads, base, 0.8).tobytes() == ref.tobytes()
+        acc = np.zeros(n)
+        stats = [_core.accumulate(acc, b, wi, threads) for b, wi in zip(bufs, w)]
+        assert stats == stats1
+        assert acc.tobytes() == acc1.tobytes()
+        fin = _core.finalize_mean(acc, w.sum(), np.float64, threads, base, 0.8)
+        assert fin.tobytes() == fin1.tobytes()
+
+
+@given(float_dtypes.flatmap(lambda d: hnp.arrays(d, shapes, elements=_values(d))),
+       st.floats(min_value=-1e3, max_value=1e3))
+def test_accumulate_matches_reference(x, weight):
+    acc0 = np.random.default_rng(x.size).standard_normal(x.size)
+    got_acc, ref_acc = acc0.copy(), acc0.copy()
+    got = _core.accumulate(got_acc, x, weight)
+    expected = reference.accumulate(ref_acc, x, weight)
+    assert got == expected  # max |x| and checksum: exact
+    tol = 4 * EPS64 * (np.abs(acc0) + abs(weight) * np.abs(x.astype(np.float64).reshape(-1)))
+    assert np.all(np.abs(got_acc - ref_acc) <= tol + np.finfo(np.float64).tiny)
+
+
+def test_accumulate_statistics():
+    x = np.array([1.0, -3.0, 2.0], np.float32)
+    max_abs, checksum = _core.accumulate(np.zeros(3), x, 0.0)
+    assert max_abs == 3.0
+    assert checksum == reference.buffer_checksum(x)
+    assert _core.accumulate(np.zeros(0), np.zeros(0, np.float32), 1.0) == (0.0, 0)
+    assert np.isnan(_core.accumulate(np.zeros(2), np.array([np.nan, 1.0]), 1.0)[0])
+    # the checksum sees a swap of two values and a sign flip
+    assert reference.buffer_checksum(x[[1, 0, 2]]) != checksum
+    assert reference.buffer_checksum(-x) != checksum
+    acc = np.zeros(3)
+    _core.accumulate(acc, x, 2.0)
+    _core.accumulate(acc, x, -2.0)
+    np.testing.assert_array_equal(acc, 0.0)
+
+
+@given(st.integers(0, 40), st.floats(min_value=1e-3, max_value=1e6), st.booleans(),
+       st.floats(min_value=-2, max_value=2), float_dtypes)
+def test_finalize_matches_reference(n, total, with_base, lr, out_dtype):
+    rng = np.random.default_rng(n)
+    acc = rng.standard_normal(n) * 1e3
+    base = rng.standard_normal(n).astype(np.float32) if with_base else None
+    got = _core.finalize_mean(acc, total, out_dtype, 0, base, lr)
+    expected = reference.finalize_mean(acc, total, out_dtype, base, lr)
+    assert got.dtype == out_dtype
+    if base is None:
+        np.testing.assert_array_equal(got, expected)
+    else:
+        m = np.abs(acc / total)
+        tol = 4 * EPS64 * ((1 + abs(lr)) * (m + np.abs(base)) + np.abs(base))
+        if out_dtype == np.float32:
+            tol = tol + np.spacing(np.abs(expected).astype(np.float32))
+        assert np.all(np.abs(got.astype(np.float64) - expected) <= tol)
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_aggregate_rejects_bad_input_with_clear_errors():
+    a = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="buffers must not be empty"):
+        _core.aggregate([], [])
+    with pytest.raises(TypeError, match="list or tuple"):
+        _core.aggregate(a, [1.0])
+    with pytest.raises(ValueError, match=r"buffers\[1\] has shape \(3, 2\)"):
+        _core.aggregate([a, np.ones((3, 2), np.float32)], [1, 1])
+    with pytest.raises(TypeError, match=r"buffers\[1\] has dtype float64"):
+        _core.aggregate([a, a.astype(np.float64)], [1, 1])
+    with pytest.raises(TypeError, match=r"buffers\[0\] must be float32 or float64, got dtype int64"):
+        _core.aggregate([np.ones(3, np.int64)], [1])
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        _core.aggregate([[1.0, 2.0]], [1])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.aggregate([a, np.ones((3, 2), np.float32).T], [1, 1])
+    with pytest.raises(ValueError, match=r"weights must have shape \(2,\)"):
+        _core.aggregate([a, a], [1.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        _core.aggregate([a, a], [1.0, -1.0])
+    with pytest.raises(ValueError, match="NaN"):
+        _core.aggregate([a, a], [1.0, np.nan])
+    with pytest.raises(ValueError, match="positive, finite sum"):
+        _core.aggregate([a, a], [0.0, 0.0])
+    with pytest.raises(ValueError, match="positive, finite sum"):
+        _core.aggregate([a, a], [1e308, 1e308])
+    with pytest.raises(TypeError, match="out_dtype must be float32 or float64"):
+        _core.aggregate([a], [1.0], np.int32)
+    with pytest.raises(ValueError, match="n_threads"):
+        _core.aggregate([a], [1.0], None, -1)
+    with pytest.raises(ValueError, match="server_lr must be finite"):
+        _core.aggregate([a], [1.0], None, 0, a, np.inf)
+    with pytest.raises(ValueError, match=r"base has shape \(3,\)"):
+        _core.aggregate([a], [1.0], None, 0, np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="base has dtype float64"):
+        _core.aggregate([a], [1.0], None, 0, a.astype(np.float64))
+    big_endian = np.ones(3, ">f4")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _core.aggregate([big_endian], [1.0])
+    misaligned = np.frombuffer(b"\0" + np.ones(3, np.float32).tobytes(), np.float32, 3, offset=1)
+    with pytest.raises(ValueError, match="aligned"):
+        _core.aggregate([misaligned], [1.0])
+
+
+def test_accumulate_and_finalize_reject_bad_input():
+    acc = np.zeros(4)
+    with pytest.raises(TypeError, match="acc must be float64"):
+        _core.accumulate(np.zeros(4, np.float32), np.ones(4), 1.0)
+    with pytest.raises(ValueError, match="x has 3 elements"):
+        _core.accumulate(acc, np.ones(3), 1.0)
+    readonly = np.zeros(4)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        _core.accumulate(readonly, np.ones(4), 1.0)
+    with pytest.raises(ValueError, match="weight must be finite"):
+        _core.accumulate(acc, np.ones(4), np.nan)
+    big = np.zeros(8)
+    with pytest.raises(ValueError, match="overlap"):
+        _core.accumulate(big[:4], big[2:6], 1.0)
+    same = np.ones(4)
+    _core.accumulate(same, same, 1.0)  # exact aliasing is element-wise, allowed: acc = 2 acc
+    np.testing.assert_array_equal(same, 2.0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.accumulate(np.zeros(2), np.ones(4)[::2], 1.0)
+    with pytest.raises(ValueError, match="total_weight must be positive"):
+        _core.finalize_mean(acc, 0.0)
+    with pytest.raises(ValueError, match="total_weight must be positive"):
+        _core.finalize_mean(acc, np.nan)
+    with pytest.raises(ValueError, match="base has 3 elements"):
+        _core.finalize_mean(acc, 1.0, None, 0, np.ones(3))
+
+
+# ---------------------------------------------------------------------------------- wrapper
+def test_weighted_mean_converts_what_the_kernel_does_not_read():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4, 6)).astype(np.float32)
+    b = rng.standard_normal((6, 4)).astype(np.float32).T  # strided
+    expected = reference.aggregate([a, np.ascontiguousarray(b)], [1.0, 3.0], np.float32)
+    np.testing.assert_array_equal(weighted_mean([a, b], [1.0, 3.0]), expected)
+    np.testing.assert_array_equal(weighted_mean([torch.from_numpy(a), b], [1, 3]), expected)
+    # float16 and bfloat16 are computed from float32; mixed precision is computed in float64
+    half = weighted_mean([a.astype(np.float16), b.astype(np.float16)], [1, 3])
+    assert half.dtype == np.float32
+    bf = weighted_mean([torch.from_numpy(a).bfloat16(), torch.from_numpy(a).bfloat16()])
+    assert bf.dtype == np.float32
+    mixed = weighted_mean([a, b.astype(np.float64)], [1.0, 3.0])
+    assert mixed.dtype == np.float64
+    np.testing.assert_allclose(mixed, expected, rtol=1e-6)
+    step = weighted_mean([a, b], [1.0, 3.0], base=np.zeros_like(a), server_lr=0.5)
+    np.testing.assert_allclose(step, 0.5 * expected, rtol=1e-6)
+
+
+def test_weighted_mean_errors():
+    a = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="at least one array"):
+        weighted_mean([])
+    with pytest.raises(TypeError, match="sequence of arrays"):
+        weighted_mean(a)
+    with pytest.raises(ValueError, match=r"arrays\[1\] has shape \(2,\)"):
+        weighted_mean([a, np.ones(2)])
+    with pytest.raises(TypeError, match="expected a float tensor"):
+        weighted_mean([np.ones(3, np.int32)])
+    with pytest.raises(ValueError, match="one entry per client: 2 clients"):
+        weighted_mean([a, a], [1.0])
+    with pytest.raises(ValueError, match=r"weights\[1\] = -1.0"):
+        weighted_mean([a, a], [1.0, -1.0])
+    with pytest.raises(ValueError, match="weights sum to 0"):
+        weighted_mean([a, a], [0, 0])
+    with pytest.raises(ValueError, match="n_threads must be >= 1"):
+        weighted_mean([a], n_threads=0)

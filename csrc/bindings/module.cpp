@@ -8,4 +8,5 @@ PYBIND11_MODULE(_core, m) {
   mars_bindings::register_topk(m);
   mars_bindings::register_wasserstein(m);
   mars_bindings::register_aggregate(m);
+  mars_bindings::register_kwmeans(m);
 }

@@ -22,8 +22,9 @@ double root_p(double x, double p) {
   return std::pow(x, 1.0 / p);
 }
 
-double wasserstein_pow_sorted(const double* u, std::int64_t m, const double* v, std::int64_t n,
-                              double p) {
+MARS_NO_CONTRACT_ATTR double wasserstein_pow_sorted(const double* u, std::int64_t m,
+                                                    const double* v, std::int64_t n, double p) {
+  MARS_NO_CONTRACT_BODY
   if (m == n) return wasserstein_pow_equal(u, v, n, p);
   // Units of 1/L with L = lcm(m, n): u's step i covers [i*a, (i+1)*a), v's step j covers
   // [j*b, (j+1)*b), a = L/m, b = L/n. Each merged segment contributes length * |u_i - v_j|^p.
@@ -51,7 +52,9 @@ double wasserstein_1d(const double* u, std::int64_t m, const double* v, std::int
   return root_p(wasserstein_pow_sorted(us.data(), m, vs.data(), n, p), p);
 }
 
-double wasserstein_pow_equal(const double* a, const double* b, std::int64_t d, double p) {
+MARS_NO_CONTRACT_ATTR double wasserstein_pow_equal(const double* a, const double* b,
+                                                   std::int64_t d, double p) {
+  MARS_NO_CONTRACT_BODY
   double sum = 0.0;
   for (std::int64_t k = 0; k < d; ++k) sum += abs_pow(a[k] - b[k], p);
   return sum / static_cast<double>(d);
@@ -89,6 +92,19 @@ void pairwise_wasserstein_sorted(const double* sorted, std::int64_t n, std::int6
       if (++j == n) {
         ++i;
         j = i + 1;
+      }
+    }
+  });
+}
+
+void cross_wasserstein_sorted(const double* a, std::int64_t m, const double* b, std::int64_t n,
+                              std::int64_t d, double p, double* out, int n_threads) {
+  const std::int64_t grain =
+      std::max<std::int64_t>(1, 8192 / std::max<std::int64_t>(d * std::max<std::int64_t>(n, 1), 1));
+  parallel::parallel_for(m, n_threads, grain, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      for (std::int64_t j = 0; j < n; ++j) {
+        out[i * n + j] = root_p(wasserstein_pow_equal(a + i * d, b + j * d, d, p), p);
       }
     }
   });

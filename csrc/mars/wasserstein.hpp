@@ -11,6 +11,20 @@
 
 #include <cstdint>
 
+// Functions whose float sums must round every product separately (no fused multiply-add), so
+// that their NumPy twins (which always round products) reproduce them bit for bit. GCC: a
+// function attribute; clang: a pragma at the top of the function body.
+#if defined(__clang__)
+#define MARS_NO_CONTRACT_ATTR
+#define MARS_NO_CONTRACT_BODY _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
+#define MARS_NO_CONTRACT_ATTR __attribute__((optimize("fp-contract=off")))
+#define MARS_NO_CONTRACT_BODY
+#else
+#define MARS_NO_CONTRACT_ATTR
+#define MARS_NO_CONTRACT_BODY
+#endif
+
 namespace mars {
 namespace wasserstein {
 
@@ -25,7 +39,8 @@ double wasserstein_pow_sorted(const double* u, std::int64_t m, const double* v, 
 // W_p between two samples of any lengths (copies and sorts them).
 double wasserstein_1d(const double* u, std::int64_t m, const double* v, std::int64_t n, double p);
 
-// W_p^p = mean(|a - b|^p) for two ascending-sorted vectors of equal length d.
+// W_p^p = mean(|a - b|^p) for two ascending-sorted vectors of equal length d, summed left to
+// right without fused multiply-adds.
 double wasserstein_pow_equal(const double* a, const double* b, std::int64_t d, double p);
 
 // Sorts every row of the row-major (n x d) matrix x into out (may alias x), rows in parallel.
@@ -38,6 +53,12 @@ void pairwise_wasserstein(const double* x, std::int64_t n, std::int64_t d, doubl
 // Same from rows that are already sorted.
 void pairwise_wasserstein_sorted(const double* sorted, std::int64_t n, std::int64_t d, double p,
                                  double* out, int n_threads);
+
+// out (m x n) = W_p between the rows of the sorted (m x d) matrix a and the sorted (n x d)
+// matrix b (rows of a in parallel). Identical rows give exactly 0, and every entry has the same
+// bits as the corresponding pairwise entry.
+void cross_wasserstein_sorted(const double* a, std::int64_t m, const double* b, std::int64_t n,
+                              std::int64_t d, double p, double* out, int n_threads);
 
 }  // namespace wasserstein
 }  // namespace mars

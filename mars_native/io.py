@@ -32,14 +32,16 @@ import numpy as np
 
 from mars_native._arrays import is_torch_tensor, to_numpy
 
-__all__ = ["SUFFIXES", "load_state_dict", "save_state_dict"]
+__all__ = ["SUFFIXES", "file_format", "load_state_dict", "save_state_dict"]
 
 #: the supported file extensions
 SUFFIXES = (".safetensors", ".pt", ".pth", ".npz")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 
 
-def _suffix(path: str | os.PathLike) -> str:
+def file_format(path: str | os.PathLike) -> str:
+    """The (lower-case) extension of ``path`` that selects its format; ``ValueError`` when it is
+    not one of :data:`SUFFIXES`."""
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{os.fspath(path)}: unsupported file type {suffix or '(no extension)'!r}; "
@@ -175,7 +177,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             ImportError: the format's package is not installed (the message names the extra).
     """
     path_str = os.fspath(path)
-    suffix = _suffix(path_str)
+    suffix = file_format(path_str)
     if not os.path.exists(path_str):
         raise FileNotFoundError(f"{path_str}: no such file")
     if suffix == ".safetensors":
@@ -213,7 +215,7 @@ def save_state_dict(state: Mapping[str, Any], path: str | os.PathLike) -> None:
         ImportError: the format's package is not installed.
     """
     path_str = os.fspath(path)
-    suffix = _suffix(path_str)
+    suffix = file_format(path_str)
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a mapping of name -> tensor, got {type(state).__name__}")
     for key, value in state.items():

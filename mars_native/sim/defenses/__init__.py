@@ -39,8 +39,21 @@ from mars_native.sim.defenses.robust import Median, MultiKrum, TrimmedMean
 
 DEFENSES: dict[str, type[Defense]] = {
     cls.name: cls
-    for cls in (FedAvg, MarsDefense, MarsStar, MarsOfficial, MultiKrum, Median, TrimmedMean, Flame,
-                FoolsGold, RFLBAT, FedCLP, FLDetector, DeepSight)
+    for cls in (
+        FedAvg,
+        MarsDefense,
+        MarsStar,
+        MarsOfficial,
+        MultiKrum,
+        Median,
+        TrimmedMean,
+        Flame,
+        FoolsGold,
+        RFLBAT,
+        FedCLP,
+        FLDetector,
+        DeepSight,
+    )
 }
 
 
@@ -54,7 +67,22 @@ def make_defense(name: str, **params: Any) -> Defense:
 
 
 __all__ = [
-    "DEFENSES", "Defense", "DefenseOutput", "RoundInput", "make_defense",
-    "DeepSight", "FedAvg", "FedCLP", "Flame", "FLDetector", "FoolsGold", "MarsDefense", "MarsOfficial",
-    "MarsStar", "Median", "MultiKrum", "RFLBAT", "TrimmedMean",
+    "DEFENSES",
+    "RFLBAT",
+    "DeepSight",
+    "Defense",
+    "DefenseOutput",
+    "FLDetector",
+    "FedAvg",
+    "FedCLP",
+    "Flame",
+    "FoolsGold",
+    "MarsDefense",
+    "MarsOfficial",
+    "MarsStar",
+    "Median",
+    "MultiKrum",
+    "RoundInput",
+    "TrimmedMean",
+    "make_defense",
 ]

@@ -82,14 +82,16 @@ class FlatLayout:
         return out
 
     def flatten(self, state: Mapping[str, torch.Tensor], name: str = "state") -> np.ndarray:
-        """float64 (size,) copy of ``state``'s float keys (ValueError naming a missing/mis-shaped key)."""
+        """float64 (size,) copy of ``state``'s float keys (ValueError names a bad key)."""
         parts = []
         for key, shape in zip(self.keys, self.shapes):
             if key not in state:
                 raise ValueError(f"{name} has no key {key!r}")
             t = state[key]
             if tuple(t.shape) != shape:
-                raise ValueError(f"{name}[{key!r}] has shape {tuple(t.shape)}, the global state {shape}")
+                raise ValueError(
+                    f"{name}[{key!r}] has shape {tuple(t.shape)}, the global state {shape}"
+                )
             parts.append(t.detach().reshape(-1).to(torch.float64))
         if not parts:
             return np.zeros(0)
@@ -103,7 +105,7 @@ class FlatLayout:
         return out
 
     def to_state(self, vec: np.ndarray) -> StateDict:
-        """A dict of torch tensors (the global state's float keys, shapes and dtypes) from ``vec``."""
+        """Torch tensors (the global state's float keys, shapes, dtypes) from ``vec``."""
         vec = np.asarray(vec, dtype=np.float64)
         if vec.shape != (self.size,):
             raise ValueError(f"expected a vector of length {self.size}, got shape {vec.shape}")
@@ -128,7 +130,7 @@ class RoundVectors:
 
     @classmethod
     def from_round(cls, rin: RoundInput) -> RoundVectors:
-        """Flatten the global state and every upload of ``rin`` (ValueError on key/shape mismatch)."""
+        """Flatten the global state and every upload (ValueError on key/shape mismatch)."""
         if not rin.client_states:
             raise ValueError("the round has no client uploads")
         layout = FlatLayout.from_state(rin.global_state)
@@ -143,9 +145,13 @@ class RoundVectors:
 
     def final_layer_mask(self, final_layer: str) -> np.ndarray:
         """bool (d,): the final layer's weight and bias entries (ValueError when absent)."""
-        keys = [k for k in (f"{final_layer}.weight", f"{final_layer}.bias") if k in self.layout.keys]
+        keys = [
+            k for k in (f"{final_layer}.weight", f"{final_layer}.bias") if k in self.layout.keys
+        ]
         if f"{final_layer}.weight" not in keys:
-            raise ValueError(f"the global state has no final-layer weight {final_layer + '.weight'!r}")
+            raise ValueError(
+                f"the global state has no final-layer weight {final_layer + '.weight'!r}"
+            )
         return self.layout.mask(lambda k: k in keys)
 
     def weighted_sum(self, weights: np.ndarray) -> np.ndarray:
@@ -156,8 +162,10 @@ class RoundVectors:
         return w @ self.deltas
 
 
-def final_layer_rows(rv: RoundVectors, final_layer: str, which: str = "delta") -> tuple[np.ndarray, np.ndarray]:
-    """Per client, the final layer's weight (n, C, in) and bias (n, C) of the deltas or local models.
+def final_layer_rows(
+    rv: RoundVectors, final_layer: str, which: str = "delta"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per client, the final layer's weight (n, C, in) and bias (n, C), deltas or local models.
 
     ``which`` is "delta" (Delta_i) or "local" (theta_i). A missing bias yields zeros.
     """
@@ -173,7 +181,7 @@ def final_layer_rows(rv: RoundVectors, final_layer: str, which: str = "delta") -
 
 # ---------------------------------------------------------------------------------- geometry
 def cosine_similarity_matrix(x: np.ndarray) -> np.ndarray:
-    """(n, n) cosine similarities of the rows of ``x``; a zero row has similarity 0 to everything."""
+    """(n, n) cosine similarities of the rows of ``x`` (a zero row: similarity 0 to all)."""
     x = np.asarray(x, dtype=np.float64)
     norms = np.linalg.norm(x, axis=1)
     safe = np.where(norms > 0, norms, 1.0)
@@ -242,7 +250,9 @@ def hdbscan_labels(
     return np.asarray(model.fit_predict(x), dtype=np.int64)
 
 
-def kmeans_labels(x: np.ndarray, k: int, random_state: int, n_init: int = 10) -> tuple[np.ndarray, float, np.ndarray]:
+def kmeans_labels(
+    x: np.ndarray, k: int, random_state: int, n_init: int = 10
+) -> tuple[np.ndarray, float, np.ndarray]:
     """scikit-learn KMeans (k-means++): (labels, inertia, centers) of the rows of ``x``."""
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
@@ -252,7 +262,9 @@ def kmeans_labels(x: np.ndarray, k: int, random_state: int, n_init: int = 10) ->
         x = x[:, None]
     with warnings.catch_warnings():  # fewer distinct points than k: labels are still valid
         warnings.simplefilter("ignore", ConvergenceWarning)
-        km = KMeans(n_clusters=int(k), init="k-means++", n_init=n_init, random_state=random_state).fit(x)
+        km = KMeans(
+            n_clusters=int(k), init="k-means++", n_init=n_init, random_state=random_state
+        ).fit(x)
     return np.asarray(km.labels_, dtype=np.int64), float(km.inertia_), km.cluster_centers_
 
 
@@ -264,6 +276,59 @@ def min_max_normalize(x: np.ndarray) -> np.ndarray:
     lo, hi = x.min(axis=0), x.max(axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)
     return (x - lo) / span
+
+
+def lloyd_kmeans(
+    x: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    n_init: int = 10,
+    max_iter: int = 100,
+    squared: bool = True,
+) -> tuple[np.ndarray, float]:
+    """Small NumPy k-means (k-means++ seeding, Lloyd iterations, best of ``n_init``): (labels, W_k).
+
+    W_k is the within-cluster sum of squared distances to the centres (KMeans' inertia; the best
+    start is the one with the lowest inertia); ``squared=False`` reports the sum of plain Euclidean
+    distances of that clustering instead. Used for the many tiny
+    fits of :func:`gap_statistic`, where scikit-learn's per-call overhead dominates (tens of ms per
+    fit on a loaded machine); the final clusterings of the defenses use scikit-learn's KMeans.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, p = x.shape
+    k = int(min(k, n))
+    best_labels, best_w, best_c = np.zeros(n, dtype=np.int64), np.inf, x[:1].copy()
+    for _ in range(max(1, n_init)):
+        c = np.empty((k, p))
+        c[0] = x[rng.integers(n)]
+        d2 = ((x - c[0]) ** 2).sum(axis=1)
+        for j in range(1, k):  # k-means++: next centre with probability proportional to d^2
+            cum = np.cumsum(d2)
+            idx = (
+                int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+                if cum[-1] > 0
+                else int(rng.integers(n))
+            )
+            c[j] = x[min(idx, n - 1)]
+            d2 = np.minimum(d2, ((x - c[j]) ** 2).sum(axis=1))
+        labels = np.full(n, -1)
+        for _it in range(max_iter):
+            dist = ((x[:, None, :] - c[None, :, :]) ** 2).sum(axis=2)
+            new = dist.argmin(axis=1)
+            if np.array_equal(new, labels):
+                break
+            labels = new
+            counts = np.bincount(labels, minlength=k)
+            sums = np.zeros((k, p))
+            np.add.at(sums, labels, x)
+            filled = counts > 0
+            c[filled] = sums[filled] / counts[filled, None]
+        w = float(((x - c[labels]) ** 2).sum())
+        if w < best_w:
+            best_labels, best_w, best_c = labels.astype(np.int64), w, c.copy()
+    if not squared:
+        best_w = float(np.linalg.norm(x - best_c[best_labels], axis=1).sum())
+    return best_labels, best_w
 
 
 @dataclass
@@ -282,19 +347,20 @@ def gap_statistic(
     k_max: int = 10,
     n_refs: int = 5,
     normalize: bool = True,
-    n_init: int = 1,
+    n_init: int = 10,
+    squared: bool = True,
 ) -> GapResult:
     """Number of clusters by the gap statistic (Tibshirani, Walther & Hastie 2001).
 
-    W_k = within-cluster sum of squared distances of a k-means (k-means++) clustering; the
-    reference sets are ``n_refs`` draws of n points uniform in the bounding box of the data
-    ([0, 1]^p after min-max normalisation, as in RFLBAT and FLDetector);
-    Gap(k) = mean_b log W*_kb - log W_k, s_k = sd_b(log W*_kb) * sqrt(1 + 1/B). The answer is the
-    smallest k with Gap(k) >= Gap(k+1) - s_{k+1}, else ``k_max``. ``k_max`` is capped at the number
-    of distinct points (one distinct point: k = 1).
+    W_k = within-cluster sum of squared distances to the centres of a k-means clustering
+    (:func:`lloyd_kmeans`, best of ``n_init`` k-means++ starts; ``squared=False``: the sum of
+    plain distances, as RFLBAT's code does); the reference sets are ``n_refs`` draws of n points
+    uniform in the bounding box of the data ([0, 1]^p after min-max normalisation, as in RFLBAT
+    and FLDetector); Gap(k) = mean_b log W*_kb - log W_k, s_k = sd_b(log W*_kb) * sqrt(1 + 1/B).
+    The answer is the smallest k with Gap(k) >= Gap(k+1) - s_{k+1}, else ``k_max``. ``k_max`` is
+    capped at the number of distinct points (one distinct point: k = 1).
     """
     x = min_max_normalize(x) if normalize else np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    n = x.shape[0]
     distinct = len(np.unique(np.round(x, 12), axis=0))
     k_max = int(max(1, min(k_max, distinct)))
     if k_max == 1:
@@ -304,9 +370,10 @@ def gap_statistic(
     gaps, s = np.zeros(k_max), np.zeros(k_max)
     refs = [lo + (hi - lo) * rng.random(x.shape) for _ in range(n_refs)]
     for j, k in enumerate(range(1, k_max + 1)):
-        seed = seed_from(rng)
-        w = kmeans_labels(x, k, seed, n_init)[1]
-        log_ref = np.array([np.log(max(kmeans_labels(r, min(k, n), seed, n_init)[1], tiny)) for r in refs])
+        w = lloyd_kmeans(x, k, rng, n_init, squared=squared)[1]
+        log_ref = np.array(
+            [np.log(max(lloyd_kmeans(r, k, rng, n_init, squared=squared)[1], tiny)) for r in refs]
+        )
         gaps[j] = log_ref.mean() - np.log(max(w, tiny))
         s[j] = log_ref.std() * np.sqrt(1.0 + 1.0 / n_refs)
     for j in range(k_max - 1):

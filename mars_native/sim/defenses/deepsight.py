@@ -61,7 +61,7 @@ def threshold_exceedings(neup: np.ndarray) -> np.ndarray:
 
 
 def cluster_dissimilarity(labels: np.ndarray) -> np.ndarray:
-    """(n, n) 0/1 matrix: 1 where two points are in different clusters (noise points: singletons)."""
+    """(n, n) 0/1: 1 where two points are in different clusters (noise points are singletons)."""
     labels = np.asarray(labels)
     diff = (labels[:, None] != labels[None, :]) | (labels[:, None] == -1)
     diff = diff.astype(np.float64)
@@ -70,7 +70,9 @@ def cluster_dissimilarity(labels: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def division_differences(rin: RoundInput, n_noise: int, n_seeds: int, batch: int = 1024) -> np.ndarray:
+def division_differences(
+    rin: RoundInput, n_noise: int, n_seeds: int, batch: int = 1024
+) -> np.ndarray:
     """DDif (n_seeds, n, C) of every upload against the global model on uniform noise inputs."""
     model = rin.make_model()
     model.eval()
@@ -103,8 +105,15 @@ class DeepSight(VectorDefense):
     name = "deepsight"
     needs_server_data = False  # random noise only, no real data
 
-    def __init__(self, n_noise: int = 2000, n_seeds: int = 3, tau: float = 1.0 / 3.0,
-                 min_cluster_size: int = 2, min_samples: int = 1, cosine_on: str = "update") -> None:
+    def __init__(
+        self,
+        n_noise: int = 2000,
+        n_seeds: int = 3,
+        tau: float = 1.0 / 3.0,
+        min_cluster_size: int = 2,
+        min_samples: int = 1,
+        cosine_on: str = "update",
+    ) -> None:
         if int(n_noise) < 1 or int(n_seeds) < 1:
             raise ValueError(f"n_noise and n_seeds must be >= 1, got {n_noise!r}, {n_seeds!r}")
         if cosine_on not in ("update", "local"):
@@ -117,13 +126,23 @@ class DeepSight(VectorDefense):
         self.cosine_on = cosine_on
 
     def config(self) -> dict[str, Any]:
-        return {"n_noise": self.n_noise, "n_seeds": self.n_seeds, "tau": self.tau,
-                "min_cluster_size": self.min_cluster_size, "min_samples": self.min_samples,
-                "cosine_on": self.cosine_on}
+        return {
+            "n_noise": self.n_noise,
+            "n_seeds": self.n_seeds,
+            "tau": self.tau,
+            "min_cluster_size": self.min_cluster_size,
+            "min_samples": self.min_samples,
+            "cosine_on": self.cosine_on,
+        }
 
     def _hdbscan(self, x: np.ndarray, precomputed: bool = False) -> np.ndarray:
-        return hdbscan_labels(x, precomputed=precomputed, min_cluster_size=self.min_cluster_size,
-                              min_samples=self.min_samples, allow_single_cluster=True)
+        return hdbscan_labels(
+            x,
+            precomputed=precomputed,
+            min_cluster_size=self.min_cluster_size,
+            min_samples=self.min_samples,
+            allow_single_cluster=True,
+        )
 
     def aggregate(self, rin: RoundInput, rv: RoundVectors) -> DefenseOutput:
         n = rv.n
@@ -138,8 +157,11 @@ class DeepSight(VectorDefense):
         neup_labels = self._hdbscan(neup)
         ddif = division_differences(rin, self.n_noise, self.n_seeds)
         ddif_labels = [self._hdbscan(d) for d in ddif]
-        merged = (cluster_dissimilarity(cos_labels) + cluster_dissimilarity(neup_labels)
-                  + np.mean([cluster_dissimilarity(lab) for lab in ddif_labels], axis=0)) / 3.0
+        merged = (
+            cluster_dissimilarity(cos_labels)
+            + cluster_dissimilarity(neup_labels)
+            + np.mean([cluster_dissimilarity(lab) for lab in ddif_labels], axis=0)
+        ) / 3.0
         labels = self._hdbscan(merged, precomputed=True)
 
         accepted = np.zeros(n, dtype=bool)
@@ -150,7 +172,12 @@ class DeepSight(VectorDefense):
         norms = l2_norms(rv.deltas)
         factors = clip_factors(norms, float(np.median(norms)))
         update = rv.weighted_sum(np.where(accepted, factors, 0.0))
-        info = {"te": as_list(te), "suspicious": as_list(suspicious), "labels": as_list(labels),
-                "cosine_labels": as_list(cos_labels), "neup_labels": as_list(neup_labels),
-                "ddif_labels": [as_list(lab) for lab in ddif_labels]}
+        info = {
+            "te": as_list(te),
+            "suspicious": as_list(suspicious),
+            "labels": as_list(labels),
+            "cosine_labels": as_list(cos_labels),
+            "neup_labels": as_list(neup_labels),
+            "ddif_labels": [as_list(lab) for lab in ddif_labels],
+        }
         return self.output(rv, update, int(accepted.sum()), ~accepted, info)

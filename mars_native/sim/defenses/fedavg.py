@@ -36,8 +36,15 @@ class FedAvg(VectorDefense):
         if self.weighting == "examples":
             w = np.asarray(rin.num_examples, dtype=np.float64)
             if w.shape != (rv.n,) or np.any(w < 0):
-                raise ValueError(f"num_examples must be {rv.n} non-negative counts, got {rin.num_examples!r}")
+                raise ValueError(
+                    f"num_examples must be {rv.n} non-negative counts, got {rin.num_examples!r}"
+                )
         else:
             w = np.ones(rv.n)
-        return self.output(rv, rv.weighted_sum(w), w.sum(), np.zeros(rv.n, dtype=bool),
-                           {"weights": [float(v) for v in w]})
+        return self.output(
+            rv,
+            rv.weighted_sum(w),
+            w.sum(),
+            np.zeros(rv.n, dtype=bool),
+            {"weights": [float(v) for v in w]},
+        )

@@ -1,4 +1,6 @@
-"""FedCLP: Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022) on every local model (§3.8).
+"""FedCLP: Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022) of every local model.
+
+Spec §3.8.
 
 For every local model and every conv layer directly followed by a BatchNorm (paired by
 :func:`mars_native.find_layers` on the global state's key order), the upper bound of each
@@ -56,14 +58,21 @@ class FedCLP(VectorDefense):
         import mars_native as mn
 
         layout = rv.layout
-        layers = [ly for ly in mn.find_layers(rin.global_state, reference=rin.global_state, require_bn=True)
-                  if ly.bn_prefix is not None and f"{ly.bn_prefix}.weight" in layout.keys]
+        layers = [
+            ly
+            for ly in mn.find_layers(rin.global_state, reference=rin.global_state, require_bn=True)
+            if ly.bn_prefix is not None and f"{ly.bn_prefix}.weight" in layout.keys
+        ]
         local = rv.locals_.copy()
         pruned: dict[str, list[int]] = {}
         for ly in layers:
             wkey, bn = ly.weight_key, ly.bn_prefix
             shape = layout.shapes[layout.keys.index(wkey)]
-            sw, sg, sv = layout.slice(wkey), layout.slice(f"{bn}.weight"), layout.slice(f"{bn}.running_var")
+            sw, sg, sv = (
+                layout.slice(wkey),
+                layout.slice(f"{bn}.weight"),
+                layout.slice(f"{bn}.running_var"),
+            )
             sb = layout.slice(f"{bn}.bias") if f"{bn}.bias" in layout.keys else None
             counts = []
             for i in range(rv.n):

@@ -54,7 +54,9 @@ class Flame(VectorDefense):
 
     name = "flame"
 
-    def __init__(self, lam: float = 0.001, features: str = "final_local", noise_on: str = "sum") -> None:
+    def __init__(
+        self, lam: float = 0.001, features: str = "final_local", noise_on: str = "sum"
+    ) -> None:
         if features not in ("final_local", "update"):
             raise ValueError(f"features must be 'final_local' or 'update', got {features!r}")
         if noise_on not in ("sum", "model"):
@@ -74,8 +76,13 @@ class Flame(VectorDefense):
             feats = rv.locals_[:, rv.final_layer_mask(rin.final_layer)]
         else:
             feats = rv.deltas
-        labels = hdbscan_labels(cosine_distance_matrix(feats), precomputed=True,
-                                min_cluster_size=n // 2 + 1, min_samples=1, allow_single_cluster=True)
+        labels = hdbscan_labels(
+            cosine_distance_matrix(feats),
+            precomputed=True,
+            min_cluster_size=n // 2 + 1,
+            min_samples=1,
+            allow_single_cluster=True,
+        )
         accepted = labels != -1
         trainable = rv.layout.mask(lambda k: not is_bn_buffer(k))
         norms = l2_norms(rv.deltas, trainable)
@@ -88,6 +95,10 @@ class Flame(VectorDefense):
             scale = sigma * (n_acc if self.noise_on == "model" else 1.0)
             noise = torch.randn(int(trainable.sum()), generator=rin.generator, dtype=torch.float64)
             update[trainable] += scale * noise.numpy()
-        info = {"labels": as_list(labels), "median_norm": bound, "noise_std": sigma,
-                "clip_factors": as_list(factors)}
+        info = {
+            "labels": as_list(labels),
+            "median_norm": bound,
+            "noise_std": sigma,
+            "clip_factors": as_list(factors),
+        }
         return self.output(rv, update, n_acc, ~accepted, info)

@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 
 from mars_native.sim.defenses.base import DefenseOutput, RoundInput, StateDict
-from mars_native.sim.defenses.common import RoundVectors, VectorDefense, as_list, gap_statistic, kmeans_labels, seed_from
+from mars_native.sim.defenses.common import (
+    RoundVectors,
+    VectorDefense,
+    gap_statistic,
+    kmeans_labels,
+    seed_from,
+)
 
 
 def lbfgs_hvp(s_list: np.ndarray, y_list: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -68,8 +74,14 @@ class FLDetector(VectorDefense):
 
     name = "fldetector"
 
-    def __init__(self, window: int = 10, n_refs: int = 20, k_max: int = 10, vector: str = "local",
-                 reset_to: str = "detection_start") -> None:
+    def __init__(
+        self,
+        window: int = 10,
+        n_refs: int = 20,
+        k_max: int = 10,
+        vector: str = "local",
+        reset_to: str = "detection_start",
+    ) -> None:
         if int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
         if vector not in ("local", "update"):
@@ -98,8 +110,13 @@ class FLDetector(VectorDefense):
         self._detection_start: StateDict | None = None
 
     def config(self) -> dict[str, Any]:
-        return {"window": self.window, "n_refs": self.n_refs, "k_max": self.k_max,
-                "vector": self.vector, "reset_to": self.reset_to}
+        return {
+            "window": self.window,
+            "n_refs": self.n_refs,
+            "k_max": self.k_max,
+            "vector": self.vector,
+            "reset_to": self.reset_to,
+        }
 
     def aggregate(self, rin: RoundInput, rv: RoundVectors) -> DefenseOutput:
         ids = [int(c) for c in rin.client_ids]
@@ -133,12 +150,22 @@ class FLDetector(VectorDefense):
                     bad = int(np.argmax([scores[labels == c].mean() for c in (0, 1)]))
                     newly = [ids[i] for i, lab in zip(scored, labels) if lab == bad]
                     self.excluded.update(newly)
-                    reset = self._detection_start if self.reset_to == "detection_start" else self._run_start
+                    reset = (
+                        self._detection_start
+                        if self.reset_to == "detection_start"
+                        else self._run_start
+                    )
                     self._clear_buffers()
                     flagged = np.array([c in self.excluded for c in ids])
                     info.update({"detected": newly, "excluded": sorted(self.excluded)})
-                    return self.output(rv, np.zeros(rv.layout.size), 0.0, flagged, info,
-                                       reset_state=_clone_state(reset) if reset is not None else None)
+                    return self.output(
+                        rv,
+                        np.zeros(rv.layout.size),
+                        0.0,
+                        flagged,
+                        info,
+                        reset_state=_clone_state(reset) if reset is not None else None,
+                    )
 
         update = rv.weighted_sum(active)
         if active.any():

@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 
 from mars_native.sim.defenses.base import DefenseOutput, RoundInput
-from mars_native.sim.defenses.common import RoundVectors, VectorDefense, as_list, cosine_similarity_matrix
+from mars_native.sim.defenses.common import (
+    RoundVectors,
+    VectorDefense,
+    as_list,
+    cosine_similarity_matrix,
+)
 
 
 def foolsgold_weights(histories: np.ndarray, confidence: float = 1.0) -> np.ndarray:
@@ -72,8 +77,12 @@ class FoolsGold(VectorDefense):
         for cid, upd in zip(rin.client_ids, final):
             h = self._history.get(int(cid))
             if h is not None and h.shape != upd.shape:
-                raise ValueError(f"client {cid}: final-layer size changed from {h.size} to {upd.size}")
+                raise ValueError(
+                    f"client {cid}: final-layer size changed from {h.size} to {upd.size}"
+                )
             self._history[int(cid)] = upd.copy() if h is None else h + upd
         hist = np.stack([self._history[int(c)] for c in rin.client_ids])
         w = foolsgold_weights(hist, self.confidence)
-        return self.output(rv, rv.weighted_sum(w), w.sum(), w <= self.threshold, {"weights": as_list(w)})
+        return self.output(
+            rv, rv.weighted_sum(w), w.sum(), w <= self.threshold, {"weights": as_list(w)}
+        )

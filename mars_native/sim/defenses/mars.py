@@ -8,7 +8,7 @@ statistics included), ``weight_total`` = number accepted; ``info`` = the detecti
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class MarsDefense(VectorDefense):
     """
 
     name = "mars"
-    default_params: dict[str, Any] = {"selection": "norm", "mode": "paper"}
+    default_params: ClassVar[dict[str, Any]] = {"selection": "norm", "mode": "paper"}
 
     def __init__(self, **params: Any) -> None:
         import mars_native as mn
@@ -53,14 +53,14 @@ class MarsDefense(VectorDefense):
 
 
 class MarsStar(MarsDefense):
-    """MARS*: majority selection (keeps the larger cluster), the paper's answer to the adaptive attack."""
+    """MARS*: majority selection (keeps the larger cluster), against the adaptive attack."""
 
     name = "mars-star"
-    default_params = {"selection": "majority", "mode": "paper"}
+    default_params: ClassVar[dict[str, Any]] = {"selection": "majority", "mode": "paper"}
 
 
 class MarsOfficial(MarsDefense):
     """MARS in the authors' code's mode (quantile top-k, K-Means on W1 rows, <= epsilon)."""
 
     name = "mars-official"
-    default_params = {"selection": "norm", "mode": "official"}
+    default_params: ClassVar[dict[str, Any]] = {"selection": "norm", "mode": "official"}

@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 
 from mars_native.sim.defenses.base import DefenseOutput, RoundInput
-from mars_native.sim.defenses.common import RoundVectors, VectorDefense, as_list, euclidean_distance_matrix
+from mars_native.sim.defenses.common import (
+    RoundVectors,
+    VectorDefense,
+    as_list,
+    euclidean_distance_matrix,
+)
 
 
 def krum_scores(x: np.ndarray, f: int, squared: bool = False) -> np.ndarray:
@@ -62,7 +67,9 @@ class MultiKrum(VectorDefense):
         keep_n = max(1, rv.n - self.f)
         kept = np.zeros(rv.n, dtype=bool)
         kept[np.argsort(scores, kind="stable")[:keep_n]] = True
-        return self.output(rv, rv.weighted_sum(kept), kept.sum(), ~kept, {"scores": as_list(scores)})
+        return self.output(
+            rv, rv.weighted_sum(kept), kept.sum(), ~kept, {"scores": as_list(scores)}
+        )
 
 
 class Median(VectorDefense):

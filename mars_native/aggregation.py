@@ -126,7 +126,7 @@ def _native(x: Any, name: str) -> np.ndarray:
         if arr.dtype.kind != "f":
             raise TypeError(f"{name}: expected a float tensor, got dtype {arr.dtype}")
         arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
-    return np.ascontiguousarray(arr)
+    return np.asarray(arr, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class _Spec:
         if self.torch_dtype is not None:
             import torch
 
-            return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=self.torch_dtype)
+            return torch.from_numpy(np.asarray(arr, order="C")).to(dtype=self.torch_dtype)
         return np.asarray(arr, dtype=self.np_dtype).reshape(self.shape)
 
 

@@ -199,7 +199,7 @@ def _write_npz(arrays: Mapping[str, np.ndarray], path: str) -> None:
 def _plain(x: Any, key: str) -> np.ndarray:
     """A C-contiguous, native-byte-order NumPy array of a tensor."""
     arr = to_numpy(x, name=key)
-    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+    return np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")  # 0-d stays 0-d
 
 
 def save_state_dict(state: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -221,7 +221,7 @@ def save_state_dict(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     for key, value in state.items():
         if not isinstance(key, str):
             raise TypeError(f"state_dict keys must be strings, got {key!r}")
-        if not (isinstance(value, np.ndarray) or is_torch_tensor(value)):
+        if not (isinstance(value, (np.ndarray, np.generic)) or is_torch_tensor(value)):
             raise TypeError(f"state[{key!r}] is a {type(value).__name__}, not an array or tensor")
     directory = os.path.dirname(os.path.abspath(path_str))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)

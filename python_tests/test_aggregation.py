@@ -43,6 +43,7 @@ def make_model(seed: int = 0, widths: tuple[int, int] = (8, 16)) -> OrderedDict:
         s[f"{name}.num_batches_tracked"] = np.array(100, dtype=np.int64)
     s["fc.weight"] = (rng.standard_normal((10, b)) * 0.1).astype(f32)
     s["fc.bias"] = np.zeros(10, f32)
+    s["temperature"] = np.array(1.5, f32)  # a 0-d float parameter
     return s
 
 
@@ -56,7 +57,8 @@ def make_clients(base: OrderedDict, n_benign: int, n_attack: int, seed: int = 0,
         s = OrderedDict()
         for k, v in base.items():
             if v.dtype.kind == "f" and not k.endswith("running_var"):
-                s[k] = (v + 3e-3 * np.abs(v).mean() * rng.standard_normal(v.shape)).astype(v.dtype)
+                s[k] = np.asarray(v + 3e-3 * np.abs(v).mean() * rng.standard_normal(v.shape),
+                                  dtype=v.dtype)
             elif v.dtype.kind == "i":
                 s[k] = np.asarray(v + rng.integers(0, 50), dtype=v.dtype)
             else:

@@ -44,17 +44,20 @@ def test_round_trip_keeps_names_values_and_dtypes(tmp_path, suffix):
         assert isinstance(arr, np.ndarray), key
         np.testing.assert_array_equal(arr, tensor.numpy(), err_msg=key)
         assert arr.dtype == tensor.numpy().dtype, key
+        assert arr.shape == tuple(tensor.shape), key  # 0-d stays 0-d
     assert not list(tmp_path.glob(".tmp-*")), "the temporary file of the atomic write was left behind"
 
 
 def test_numpy_states_are_saved_too(tmp_path):
     state = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2],  # strided
-             "b": np.arange(3, dtype=">f8")}  # big-endian
+             "b": np.arange(3, dtype=">f8"),  # big-endian
+             "scalar": np.array(2.5, np.float32)}
     for suffix in (".safetensors", ".npz", ".pt"):
         io.save_state_dict(state, tmp_path / f"m{suffix}")
         loaded = io.load_state_dict(tmp_path / f"m{suffix}")
         np.testing.assert_array_equal(loaded["w"], state["w"])
         np.testing.assert_array_equal(loaded["b"], state["b"])
+        assert loaded["w"].shape == (3, 2) and loaded["scalar"].shape == ()
 
 
 def test_bfloat16_is_read_as_float32(tmp_path):

@@ -1,0 +1,256 @@
+"""Run every (attack, defense) pair of a config and report: results.json, CSV, terminal table.
+
+``results.json`` = ``{"config": {...}, "results": [row, ...], "meta": {...}}`` where a row is
+``{"attack", "defense", "acc", "asr", "tpr", "fpr", "cad", "rounds": [per-round records], ...}``
+(DESIGN.md layout; extra fields: window means, the pretrained start, timings, the ASR rule...).
+``results.csv`` has the same rows without the per-round records; ``rounds.csv`` has one line per
+(attack, defense, round). All rates are fractions in [0, 1]; the terminal table shows percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import SimConfig
+from .loop import RunResult, run_simulation
+
+__all__ = [
+    "RichProgress",
+    "print_table",
+    "results_payload",
+    "results_table",
+    "run_experiments",
+    "write_results",
+]
+
+SUMMARY_COLUMNS = [
+    "attack", "defense", "acc", "asr", "tpr", "fpr", "cad", "acc_mean", "asr_mean", "cad_mean",
+    "acc_start", "asr_start", "detect_seconds", "wall_seconds", "num_clients", "num_attackers",
+    "rounds_run", "asr_rule", "global_rule", "attacker_protocol", "needs_server_data",
+]
+ROUND_COLUMNS = [
+    "round", "acc", "asr", "tpr", "fpr", "n_uploads", "n_attackers", "n_decoys", "weight_total",
+    "reset", "detect_seconds", "defense_seconds", "train_seconds",
+]
+
+
+# -- running -------------------------------------------------------------------------------------
+def run_experiments(
+    config: SimConfig,
+    *,
+    attacks: Sequence[str] | None = None,
+    defenses: Sequence[str] | None = None,
+    data=None,
+    make_model=None,
+    out_dir: str | Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+    plots: bool = True,
+    cache_dir: str | Path | None = None,
+) -> list[RunResult]:
+    """Run ``attacks x defenses`` (default: the config's lists), attack-major, and write the
+    results (and plots) to ``out_dir`` if given. The pretrained start is computed once."""
+    attacks = list(attacks if attacks is not None else config.attacks)
+    defenses = list(defenses if defenses is not None else config.defenses)
+    if cache_dir is None and out_dir is not None:
+        cache_dir = Path(out_dir) / "cache"
+    results: list[RunResult] = []
+    t0 = time.perf_counter()
+    for attack in attacks:
+        for defense in defenses:
+            results.append(run_simulation(
+                config, attack, defense, data=data, make_model=make_model, progress=progress,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+            ))
+    if out_dir is not None:
+        write_results(out_dir, config, results, wall_seconds=time.perf_counter() - t0)
+        if plots:
+            from .plots import plot_all
+
+            plot_all(results, out_dir)
+    return results
+
+
+# -- files ----------------------------------------------------------------------------------------
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def results_payload(config: SimConfig, results: Iterable[RunResult], **meta: Any) -> dict:
+    import torch
+
+    return _json_safe({
+        "config": config.to_dict(),
+        "results": [r.row(with_rounds=True) for r in results],
+        "meta": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "threads": config.resolved_threads(),
+            "rates": "fractions in [0, 1]",
+            "asr_rule": config.asr_rule,
+            "headline": "acc/asr at the final round; tpr/fpr averaged over the attack rounds; "
+                        "cad = (acc + 1 - asr + tpr + 1 - fpr)/4 (2 terms without tpr/fpr)",
+            **meta,
+        },
+    })
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return v
+
+
+def write_results(out_dir: str | Path, config: SimConfig, results: Sequence[RunResult],
+                  **meta: Any) -> dict[str, Path]:
+    """Write results.json, results.csv, rounds.csv and config.toml into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "results.json",
+        "csv": out / "results.csv",
+        "rounds_csv": out / "rounds.csv",
+        "config": out / "config.toml",
+    }
+    payload = results_payload(config, results, **meta)
+    paths["json"].write_text(json.dumps(payload, indent=1))
+    with open(paths["csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(SUMMARY_COLUMNS)
+        for r in results:
+            row = r.row(with_rounds=False)
+            w.writerow([_csv_value(row.get(c)) for c in SUMMARY_COLUMNS])
+    with open(paths["rounds_csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["attack", "defense", *ROUND_COLUMNS, "flagged_ids", "attacker_ids"])
+        for r in results:
+            for rec in r.rounds:
+                w.writerow([r.attack, r.defense, *[_csv_value(rec.get(c)) for c in ROUND_COLUMNS],
+                            _csv_value(rec.get("flagged_ids")), _csv_value(rec.get("attacker_ids"))])
+    paths["config"].write_text(config.to_toml())
+    return paths
+
+
+# -- terminal ---------------------------------------------------------------------------------------
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def results_table(results: Sequence[RunResult], title: str | None = None):
+    """A rich Table: one row per defense, one column per attack; each cell shows CAD and
+    ACC/ASR/TPR/FPR (percent)."""
+    from rich.table import Table
+
+    attacks = list(dict.fromkeys(r.attack for r in results))
+    defenses = list(dict.fromkeys(r.defense for r in results))
+    cell = {(r.attack, r.defense): r for r in results}
+    best = {}
+    for a in attacks:
+        cads = [cell[(a, d)].summary["cad"] for d in defenses if (a, d) in cell]
+        best[a] = max((c for c in cads if c is not None), default=None)
+    table = Table(title=title or "CAD %  (ACC / ASR / TPR / FPR %)", show_lines=True)
+    table.add_column("defense", style="bold")
+    for a in attacks:
+        table.add_column(a, justify="center")
+    for d in defenses:
+        row = []
+        for a in attacks:
+            r = cell.get((a, d))
+            if r is None:
+                row.append("")
+                continue
+            s = r.summary
+            cad_txt = _pct(s["cad"])
+            if s["cad"] is not None and best[a] is not None and s["cad"] >= best[a] - 1e-12:
+                cad_txt = f"[bold green]{cad_txt}[/]"
+            row.append(f"{cad_txt}\n{_pct(s['acc'])} / {_pct(s['asr'])} / "
+                       f"{_pct(s['tpr'])} / {_pct(s['fpr'])}")
+        name = d + (" †" if any(cell[(a, d)].needs_server_data for a in attacks
+                                 if (a, d) in cell) else "")
+        table.add_row(name, *row)
+    return table
+
+
+def print_table(results: Sequence[RunResult], console=None, config: SimConfig | None = None) -> None:
+    from rich.console import Console
+
+    console = console or Console()
+    console.print(results_table(results))
+    notes = [("ACC/ASR at the final round; TPR/FPR averaged over the attack rounds; "
+              "– = not defined (the defense flags no clients).")]
+    if config is not None:
+        rule = ("triggered test samples whose true label is not the target"
+                if config.asr_rule == "exclude-target" else
+                "every triggered test sample, target class included (authors' code)")
+        notes.append(f"ASR counts {rule}; global rule: {config.global_rule}; attackers: "
+                     f"{config.num_attackers}/{config.num_clients} ({config.attacker_protocol}).")
+    if any(r.needs_server_data for r in results):
+        notes.append("† needs data at the server.")
+    for n in notes:
+        console.print(f"[dim]{n}[/]")
+
+
+class RichProgress:
+    """A ``progress`` callback that drives a rich progress bar over all rounds of all runs,
+    showing the current pair and its ACC/ASR. Use as a context manager."""
+
+    def __init__(self, total_rounds: int, console=None, disable: bool = False):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=disable,
+            transient=False,
+        )
+        self.total = total_rounds
+        self.task = None
+        self.pre_task = None
+
+    def __enter__(self) -> RichProgress:  # noqa: PYI034
+        self.progress.__enter__()
+        self.task = self.progress.add_task("rounds", total=self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: dict) -> None:
+        if event.get("phase") == "pretrain":
+            if self.pre_task is None:
+                self.pre_task = self.progress.add_task("pretraining (clean FedAvg)",
+                                                       total=event["total"])
+            self.progress.update(self.pre_task, completed=event["round"])
+            return
+        desc = (f"{event['attack']:>8} vs {event['defense']:<13} round "
+                f"{event['round']:>2}/{event['total']}  ACC {100 * event['acc']:5.1f}%  "
+                f"ASR {100 * event['asr']:5.1f}%")
+        self.progress.update(self.task, advance=1, description=desc)
+
+
+def _stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

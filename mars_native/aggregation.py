@@ -495,9 +495,8 @@ class Round:
         specs = self._float_specs()
         for i in rejected:
             c = self._clients[i]
-            try:
-                state = self._reload(i)
-                stats = self._accumulate(state, -c.weight, specs)
+            try:  # (one expression: the previous client is freed before the next is read)
+                stats = self._accumulate(self._reload(i), -c.weight, specs)
             except Exception as exc:  # noqa: BLE001 - any failure: re-sum instead of subtracting
                 why = (f"{self._label(i)} could not be re-read to be removed "
                        f"({type(exc).__name__}: {exc})")

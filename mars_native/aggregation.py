@@ -48,7 +48,7 @@ from numpy.typing import ArrayLike
 from mars_native import _core
 from mars_native._arrays import is_torch_tensor, to_numpy
 from mars_native._native import _threads
-from mars_native.validation import check_state, state_template
+from mars_native.validation import Template, check_state, state_template
 
 if TYPE_CHECKING:  # pragma: no cover
     from mars_native.defense import MARS, Detection
@@ -154,10 +154,10 @@ class _Spec:
         return np.asarray(arr, dtype=self.np_dtype).reshape(self.shape)
 
 
-def _specs(state: Mapping[str, Any]) -> list[_Spec]:
-    """One spec per key of a validated ``state``, in its key order."""
+def _specs(state: Mapping[str, Any], template: Template | None = None) -> list[_Spec]:
+    """One spec per key of a validated ``state`` (whose template may be given), in key order."""
     specs, offset = [], 0
-    for key, (shape, dtype) in state_template(state).items():
+    for key, (shape, dtype) in (template or state_template(state)).items():
         value = state[key]
         is_float = dtype.kind == "f"
         spec = _Spec(
@@ -359,7 +359,8 @@ class Round:
     values dwarf the accepted ones (by more than ``CANCELLATION_RATIO``) would cost precision by
     cancellation, so those tensors are instead re-summed from the accepted clients (re-read
     through their loaders); ``report.note`` says so. Rules for weights, integer tensors, the
-    output container and an empty result: see the module docstring.
+    output container and an empty result: see the module docstring. A round is not thread-safe:
+    call ``add`` from one thread at a time.
 
     Args:
         mars: the configured detector.
@@ -376,7 +377,7 @@ class Round:
         self.server_lr = _check_server_lr(server_lr)
         self._n_threads = _threads(mars.n_threads)
         self._clients: list[_Client] = []
-        self._template = None if global_state is None else state_template(global_state)
+        self._template: Template | None = None
         self._specs: list[_Spec] | None = None
         self._factory: Callable[[], dict] | None = None
         self._acc: np.ndarray | None = None
@@ -392,7 +393,9 @@ class Round:
         return len(self._clients)
 
     def _set_model(self, state: Mapping[str, Any]) -> None:
-        self._specs = _specs(state)
+        """Take ``state`` (the global model or the first valid client) as the template."""
+        self._template = state_template(state)
+        self._specs = _specs(state, self._template)
         self._factory = _state_factory(state)
         n = sum(s.size for s in self._specs if s.is_float)
         self._acc = np.zeros(n, dtype=np.float64)
@@ -433,7 +436,6 @@ class Round:
         if reason is not None:
             return len(self._clients) - 1
         if self._template is None:
-            self._template = state_template(state)
             self._set_model(state)
         if not self._layers:
             self._layers = [layer.name for layer in self.mars.layers_for(state, self.global_state)]

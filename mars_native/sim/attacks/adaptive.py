@@ -59,6 +59,7 @@ class AdaptiveAttack(PoisoningAttack):
         pattern: PatternTrigger | None = None,
     ) -> None:
         super().__init__(pattern)
+        self._remember(locals())
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.form = form
@@ -66,6 +67,7 @@ class AdaptiveAttack(PoisoningAttack):
         if self.lam < 0:
             raise ValueError("lam must be >= 0")
         self.bn_eps = float(bn_eps)
+        self._params["lam"] = self.lam
 
     def regulariser(self, model: nn.Module, pairs=None) -> torch.Tensor:
         """The penalty (without ``lam``) of this attack's form, differentiable."""

@@ -113,6 +113,7 @@ class CerP(PoisoningAttack):
         bar_cols: Sequence[Sequence[int]] = ((0, 1), (4, 5)),
     ) -> None:
         super().__init__()
+        self._remember(locals())
         if cosine not in COSINE_FORMS:
             raise ValueError(f"cosine must be one of {COSINE_FORMS}, got {cosine!r}")
         if test_trigger not in TEST_TRIGGERS:

@@ -184,10 +184,14 @@ def run_epochs(
     batch_size: int,
     generator: torch.Generator,
 ) -> nn.Module:
-    """Train mode; ``epochs`` passes of shuffled mini-batches; one optimiser step per batch."""
+    """Train mode; ``epochs`` passes of shuffled mini-batches; one optimiser step per batch.
+    A final batch of a single sample is skipped (BatchNorm cannot normalise it), as in the
+    arena's benign training."""
     model.train()
     for _ in range(epochs):
         for idx in minibatches(int(x.shape[0]), batch_size, generator):
+            if idx.numel() < 2:
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model, x[idx], y[idx])
             loss.backward()
@@ -376,6 +380,21 @@ class PoisoningAttack(Attack):
 
     def stamp_test(self, x: torch.Tensor) -> torch.Tensor:
         return self.pattern.stamp(x)
+
+    def _remember(self, params: dict) -> None:
+        """Keep the constructor parameters (JSON-ready) for :meth:`config`."""
+        def ready(v):
+            if isinstance(v, (bool, int, float, str)) or v is None:
+                return v
+            if isinstance(v, (tuple, list, range)):
+                return [ready(i) for i in v]
+            return repr(v)
+        self._params = {k: ready(v) for k, v in params.items()
+                        if k not in ("self", "__class__")}
+
+    def config(self) -> dict:
+        """The attack's constructor parameters (JSON-ready; the loop records them)."""
+        return {"name": self.name, "trigger": self.trigger, **getattr(self, "_params", {})}
 
     def _publish(self, ctx: RoundContext, info: dict) -> None:
         """Store per-round diagnostics (JSON-ready) in ``last_info`` and ``ctx.extras``."""

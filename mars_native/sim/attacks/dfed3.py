@@ -132,6 +132,7 @@ class ThreeDFed(PoisoningAttack):
         pattern: PatternTrigger | None = None,
     ) -> None:
         super().__init__(pattern)
+        self._remember(locals())
         if group_size < 1 or num_neurons < 1 or initial_decoys < 0:
             raise ValueError("group_size and num_neurons must be >= 1, initial_decoys >= 0")
         self.group_size = int(group_size)
@@ -170,22 +171,45 @@ class ThreeDFed(PoisoningAttack):
         self.feedback: dict | None = None  # the last indicator reading
         self._pending: dict | None = None  # indicators implanted last round
         self.details: dict = {}  # tensors of the last finalize (tests, diagnostics)
+        self._layers: tuple[str, str, str] | None = None
 
     def setup(self, config: Any, input_shape: tuple[int, ...], normalize: Callable) -> None:
         super().setup(config, input_shape, normalize)
         self._reset_state()
 
     def layers(self, ctx: RoundContext) -> tuple[str, str, str]:
-        """(indicator weight key, decoy weight key, final-layer prefix), checked against theta."""
+        """(indicator weight key, decoy weight key, final-layer prefix).
+
+        Each is, in order of precedence: the constructor argument, the config attribute
+        (``indicator_layer``, ``decoy_layer``, ``final_layer``), then automatic: the final layer
+        from ``ctx.extras["final_layer"]`` / the model's ``final_layer`` attribute / its last
+        ``nn.Linear``; the indicator layer = the weight of the last conv; the decoy layer = the
+        weight of the last ``nn.Linear`` before the final one (the final layer itself when
+        there is none). Digits: ``conv3.weight``, ``fc1.weight``, ``fc2``.
+        """
+        if self._layers is not None:
+            return self._layers
         cfg = ctx.config
-        ind = self.layer_names[0] or getattr(cfg, "indicator_layer", None) or "conv3.weight"
-        dec = self.layer_names[1] or getattr(cfg, "decoy_layer", None) or "fc1.weight"
-        fin = self.layer_names[2] or getattr(cfg, "final_layer", None) or "fc2"
+        model = ctx.make_model()
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        extras = ctx.extras if isinstance(ctx.extras, dict) else {}
+        fin = (self.layer_names[2] or getattr(cfg, "final_layer", None)
+               or extras.get("final_layer") or getattr(model, "final_layer", None)
+               or (linears[-1] if linears else None))
+        ind = (self.layer_names[0] or getattr(cfg, "indicator_layer", None)
+               or (f"{convs[-1]}.weight" if convs else None))
+        before = [n for n in linears if n != fin]
+        dec = (self.layer_names[1] or getattr(cfg, "decoy_layer", None)
+               or (f"{before[-1]}.weight" if before else f"{fin}.weight"))
+        if fin is None or ind is None:
+            raise ValueError("3DFed needs a conv layer (indicators) and a linear final layer")
         for key in (ind, dec, f"{fin}.weight"):
             if key not in ctx.global_state:
                 raise ValueError(f"3DFed: layer {key!r} is not in the global state "
                                  f"(keys: {list(ctx.global_state)})")
-        return ind, dec, fin
+        self._layers = (ind, dec, fin)
+        return self._layers
 
     # -- feedback and adaptive tuning -----------------------------------------------------------
     def _start_round(self, ctx: RoundContext) -> None:

@@ -31,6 +31,7 @@ class MRA(PoisoningAttack):
         pattern: PatternTrigger | None = None,
     ) -> None:
         super().__init__(pattern)
+        self._remember(locals())
         self.gamma = float(gamma)
         self.loss_weights = tuple(float(w) for w in loss_weights)
         if len(self.loss_weights) != 3:

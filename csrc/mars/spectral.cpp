@@ -2,53 +2,46 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "mars/parallel.hpp"
-#include "mars/symeig.hpp"
+#include "mars/simd4.hpp"
+#include "mars/topeig.hpp"
 
 namespace mars {
 namespace spectral {
 
 namespace {
 
-// Rows of a channel are processed in blocks of kBlock, transposed into fp64 column buffers so
-// that every Gram entry is a dot product of two contiguous kBlock-long vectors. The dot products
-// keep kLanes independent accumulators: the compiler maps them onto SIMD lanes without having
-// to reassociate (no -ffast-math needed) and the summation order is fixed.
-constexpr int kBlock = 64;
-constexpr int kLanes = 8;
+using simd4::V4;
 
-inline double combine_lanes(const double* acc) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
+// Channels are processed in groups of kGroup = 4: their Gram matrices are built one by one (each
+// vectorised on its own) into the 4 lanes of one buffer, and the top eigenvalues of the group are
+// found together (topeig.hpp), one channel per SIMD lane. Lanes never interact, so a channel's
+// result does not depend on the group it falls in (nor on the thread count).
+constexpr int kGroup = 4;
+// fp64 rows of a channel are staged in blocks of about this many doubles (16 KiB: L1-resident).
+constexpr std::int64_t kBlockDoubles = 2048;
+// Widest column tile of the Gram micro-kernel: kMaxTile accumulators + 2 registers.
+constexpr int kMaxTile = 10;
 
-// Dot product of two kBlock-long fp64 vectors (zero-padded tails).
-inline double dot_block(const double* a, const double* b) {
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int k = 0; k < kBlock; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[k + l] * b[k + l];
-  }
-  return combine_lanes(acc);
-}
+inline std::int64_t round_up4(std::int64_t x) { return (x + 3) & ~std::int64_t{3}; }
 
-// Dot product of two fp64 vectors of any length n.
-inline double dot(const double* a, const double* b, std::int64_t n) {
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  std::int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[k + l] * b[k + l];
-  }
-  double tail = 0.0;
-  for (; k < n; ++k) tail += a[k] * b[k];
-  return combine_lanes(acc) + tail;
+inline void prefetch(const char* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
 }
 
 // sum_i (s * x_i)^2 in fp64: the 1x1 Gram of a channel whose smaller side is 1.
 template <typename T>
 double sum_squares(const T* x, std::int64_t n, double s) {
+  constexpr int kLanes = 8;
   double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   std::int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
@@ -62,48 +55,7 @@ double sum_squares(const T* x, std::int64_t n, double s) {
     const double v = static_cast<double>(x[k]) * s;
     tail += v * v;
   }
-  return combine_lanes(acc) + tail;
-}
-
-// g (c x c, both triangles) = (sM)^T (sM) for the row-major (r x c) matrix m, c <= r.
-// C > 0 fixes c at compile time (the hot 3x3-kernel case, C = 9, is fully unrolled).
-// buf holds c * kBlock doubles.
-template <typename T, int C>
-void gram_columns(const T* m, std::int64_t r, int c_dyn, double s, double* buf, double* g) {
-  const int c = C > 0 ? C : c_dyn;
-  std::fill(g, g + c * c, 0.0);
-  for (std::int64_t r0 = 0; r0 < r; r0 += kBlock) {
-    const int nb = static_cast<int>(std::min<std::int64_t>(kBlock, r - r0));
-    const T* block = m + r0 * c;
-    for (int b = 0; b < nb; ++b) {
-      const T* row = block + static_cast<std::int64_t>(b) * c;
-      for (int j = 0; j < c; ++j) buf[j * kBlock + b] = static_cast<double>(row[j]) * s;
-    }
-    if (nb < kBlock) {
-      for (int j = 0; j < c; ++j) std::fill(buf + j * kBlock + nb, buf + (j + 1) * kBlock, 0.0);
-    }
-    for (int i = 0; i < c; ++i) {
-      for (int j = i; j < c; ++j) g[i * c + j] += dot_block(buf + i * kBlock, buf + j * kBlock);
-    }
-  }
-  for (int i = 0; i < c; ++i) {
-    for (int j = 0; j < i; ++j) g[i * c + j] = g[j * c + i];
-  }
-}
-
-// g (r x r, both triangles) = (sM)(sM)^T for the row-major (r x c) matrix m, r < c.
-// buf holds r * c doubles.
-template <typename T>
-void gram_rows(const T* m, int r, std::int64_t c, double s, double* buf, double* g) {
-  const std::int64_t total = static_cast<std::int64_t>(r) * c;
-  for (std::int64_t i = 0; i < total; ++i) buf[i] = static_cast<double>(m[i]) * s;
-  for (int i = 0; i < r; ++i) {
-    for (int j = i; j < r; ++j) {
-      const double v = dot(buf + i * c, buf + j * c, c);
-      g[i * r + j] = v;
-      g[j * r + i] = v;
-    }
-  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
 // Power-of-two factor that brings the largest magnitude of a float64 channel near 1 when its
@@ -112,12 +64,12 @@ void gram_rows(const T* m, int r, std::int64_t c, double s, double* buf, double*
 template <typename T>
 double channel_scale(const T* x, std::int64_t n) {
   double max_abs = 0.0;
+  bool finite = true;
   for (std::int64_t i = 0; i < n; ++i) {
     const double a = std::fabs(static_cast<double>(x[i]));
-    max_abs = a > max_abs ? a : max_abs;  // NaN never wins here: checked below
+    finite = finite && (a <= std::numeric_limits<double>::max());  // false for NaN and Inf
+    max_abs = a > max_abs ? a : max_abs;
   }
-  bool finite = true;
-  for (std::int64_t i = 0; i < n && finite; ++i) finite = std::isfinite(static_cast<double>(x[i]));
   if (!finite) return std::numeric_limits<double>::quiet_NaN();
   if (max_abs == 0.0) return 1.0;
   if (max_abs > 0x1p-400 && max_abs < 0x1p400) return 1.0;
@@ -126,9 +78,254 @@ double channel_scale(const T* x, std::int64_t n) {
   return std::ldexp(1.0, std::min(-std::ilogb(max_abs), 1000));
 }
 
+// Copies nb rows of c values (row-major, stride c) to fp64 rows of stride ldb, times s. The
+// padding columns c..ldb-1 of buf are left untouched (kept at zero by the caller).
+template <typename T>
+inline void stage_rows(const T* m, std::int64_t nb, int c, std::int64_t ldb, double s,
+                       double* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+#if defined(MARS_SIMD4_AVX2)
+    if (c == 9) {  // 3x3 kernels: two 4-wide conversions and one scalar per row
+      for (std::int64_t b = 0; b < nb; ++b) {
+        const float* row = m + b * 9;
+        double* dst = buf + b * ldb;
+        _mm256_storeu_pd(dst, _mm256_cvtps_pd(_mm_loadu_ps(row)));
+        _mm256_storeu_pd(dst + 4, _mm256_cvtps_pd(_mm_loadu_ps(row + 4)));
+        dst[8] = static_cast<double>(row[8]);
+      }
+      return;
+    }
+#endif
+    (void)s;  // float32 input is never rescaled (s == 1)
+    for (std::int64_t b = 0; b < nb; ++b) {
+      for (int j = 0; j < c; ++j) buf[b * ldb + j] = static_cast<double>(m[b * c + j]);
+    }
+  } else {
+    for (std::int64_t b = 0; b < nb; ++b) {
+      for (int j = 0; j < c; ++j) buf[b * ldb + j] = static_cast<double>(m[b * c + j]) * s;
+    }
+  }
+}
+
+// Gram micro-kernel: for the nb staged rows x_b (stride ldb), adds sum_b x_b[i0..i0+3] *
+// x_b[j0 + t] to gacc entries (i0 + l, j0 + t) for t < W (entries with i0 + l >= c are dropped).
+// W column accumulators of 4 lanes stay in registers; each row costs 1 vector load, W broadcast
+// loads and W fused multiply-adds.
+// Narrow tiles (W <= 6) keep two accumulator sets, for even and odd rows, so that enough
+// independent fused multiply-adds are in flight to hide their latency; the two sets are added at
+// the end of the block (a fixed order).
+//
+// pf: optional prefetch of the next block of the input (pf_lines cache lines of 64 bytes, spread
+// over the rows), so that the next block streams in from memory while this one is computed.
+template <int W>
+inline void gram_tile(const double* buf, std::int64_t nb, std::int64_t ldb, int i0, int j0, int c,
+                      double* gacc, const char* pf = nullptr, std::int64_t pf_lines = 0) {
+  constexpr int kSets = W <= 6 ? 2 : 1;
+  V4 acc[kSets][W];
+  for (int u = 0; u < kSets; ++u) {
+    for (int t = 0; t < W; ++t) acc[u][t] = simd4::zero();
+  }
+  const std::int64_t pf_per_row = pf == nullptr ? 0 : (pf_lines + nb - 1) / nb;
+  std::int64_t b = 0;
+  for (; b + kSets <= nb; b += kSets) {
+    for (std::int64_t q = 0; q < pf_per_row * kSets; ++q) {
+      const std::int64_t line = b * pf_per_row + q;
+      if (line < pf_lines) prefetch(pf + line * 64);
+    }
+    for (int u = 0; u < kSets; ++u) {
+      const double* row = buf + (b + u) * ldb;
+      const V4 x = simd4::load(row + i0);
+      for (int t = 0; t < W; ++t) acc[u][t] = simd4::fmadd(x, simd4::splat(row[j0 + t]), acc[u][t]);
+    }
+  }
+  for (; b < nb; ++b) {
+    const double* row = buf + b * ldb;
+    const V4 x = simd4::load(row + i0);
+    for (int t = 0; t < W; ++t) acc[0][t] = simd4::fmadd(x, simd4::splat(row[j0 + t]), acc[0][t]);
+  }
+  if constexpr (kSets == 2) {
+    for (int t = 0; t < W; ++t) acc[0][t] = acc[0][t] + acc[1][t];
+  }
+  const int li = std::min(4, c - i0);
+  for (int t = 0; t < W; ++t) {
+    double lanes[4];
+    simd4::store(lanes, acc[0][t]);
+    for (int l = 0; l < li; ++l) gacc[(i0 + l) * c + j0 + t] += lanes[l];
+  }
+}
+
+#if defined(MARS_SIMD4_AVX2)
+// First pass of a float32 3x3 kernel (c = 9): converts nb rows to fp64 (stored with stride 12 for
+// the second pass, gram_tile<4>) and, from the same registers, accumulates G[0..7][4..8] and
+// G[8][8] (11 accumulators). Fusing the conversion with the widest part of the Gram saves a
+// pass over the staged rows.
+inline void gram9_stage(const float* m, std::int64_t nb, double* buf, double* gacc,
+                        const char* pf, std::int64_t pf_lines) {
+  constexpr std::int64_t ldb = 12;
+  __m256d a0[5], a1[5];
+  for (int t = 0; t < 5; ++t) a0[t] = a1[t] = _mm256_setzero_pd();
+  double a88 = 0.0;
+  const std::int64_t pf_per_row = (pf_lines + nb - 1) / nb;
+  for (std::int64_t b = 0; b < nb; ++b) {
+    for (std::int64_t q = 0; q < pf_per_row; ++q) {
+      const std::int64_t line = b * pf_per_row + q;
+      if (line < pf_lines) prefetch(pf + line * 64);
+    }
+    const float* row = m + b * 9;
+    double* dst = buf + b * ldb;
+    const __m256d x0 = _mm256_cvtps_pd(_mm_loadu_ps(row));
+    const __m256d x1 = _mm256_cvtps_pd(_mm_loadu_ps(row + 4));
+    const double x8 = static_cast<double>(row[8]);
+    _mm256_storeu_pd(dst, x0);
+    _mm256_storeu_pd(dst + 4, x1);
+    dst[8] = x8;
+    for (int t = 0; t < 5; ++t) {
+      const __m256d bt = _mm256_broadcast_sd(dst + 4 + t);
+      a0[t] = _mm256_fmadd_pd(x0, bt, a0[t]);
+      a1[t] = _mm256_fmadd_pd(x1, bt, a1[t]);
+    }
+    a88 = std::fma(x8, x8, a88);
+  }
+  double lanes[4];
+  for (int t = 0; t < 5; ++t) {
+    _mm256_storeu_pd(lanes, a0[t]);
+    for (int l = 0; l < 4; ++l) gacc[l * 9 + 4 + t] += lanes[l];
+    _mm256_storeu_pd(lanes, a1[t]);
+    for (int l = 0; l < 4; ++l) gacc[(4 + l) * 9 + 4 + t] += lanes[l];
+  }
+  gacc[8 * 9 + 8] += a88;
+}
+#endif
+
+// The second pass of a 3x3 kernel (c = 9, ldb = 12): G[4..7][4..8] and G[8][8] in one sweep
+// (6 accumulators per row parity) instead of two narrow tiles.
+inline void gram_tail9(const double* buf, std::int64_t nb, double* gacc) {
+  constexpr std::int64_t ldb = 12;
+  V4 acc[2][6];
+  for (int u = 0; u < 2; ++u) {
+    for (int t = 0; t < 6; ++t) acc[u][t] = simd4::zero();
+  }
+  std::int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    for (int u = 0; u < 2; ++u) {
+      const double* row = buf + (b + u) * ldb;
+      const V4 x1 = simd4::load(row + 4);
+      for (int t = 0; t < 5; ++t) acc[u][t] = simd4::fmadd(x1, simd4::splat(row[4 + t]), acc[u][t]);
+      acc[u][5] = simd4::fmadd(simd4::load(row + 8), simd4::splat(row[8]), acc[u][5]);
+    }
+  }
+  for (; b < nb; ++b) {
+    const double* row = buf + b * ldb;
+    const V4 x1 = simd4::load(row + 4);
+    for (int t = 0; t < 5; ++t) acc[0][t] = simd4::fmadd(x1, simd4::splat(row[4 + t]), acc[0][t]);
+    acc[0][5] = simd4::fmadd(simd4::load(row + 8), simd4::splat(row[8]), acc[0][5]);
+  }
+  double lanes[4];
+  for (int t = 0; t < 5; ++t) {
+    simd4::store(lanes, acc[0][t] + acc[1][t]);
+    for (int l = 0; l < 4; ++l) gacc[(4 + l) * 9 + 4 + t] += lanes[l];
+  }
+  simd4::store(lanes, acc[0][5] + acc[1][5]);
+  gacc[8 * 9 + 8] += lanes[0];
+}
+
+inline void gram_tile_dispatch(int w, const double* buf, std::int64_t nb, std::int64_t ldb, int i0,
+                               int j0, int c, double* gacc) {
+  switch (w) {
+    case 1: gram_tile<1>(buf, nb, ldb, i0, j0, c, gacc); break;
+    case 2: gram_tile<2>(buf, nb, ldb, i0, j0, c, gacc); break;
+    case 3: gram_tile<3>(buf, nb, ldb, i0, j0, c, gacc); break;
+    case 4: gram_tile<4>(buf, nb, ldb, i0, j0, c, gacc); break;
+    case 5: gram_tile<5>(buf, nb, ldb, i0, j0, c, gacc); break;
+    case 6: gram_tile<6>(buf, nb, ldb, i0, j0, c, gacc); break;
+    case 7: gram_tile<7>(buf, nb, ldb, i0, j0, c, gacc); break;
+    case 8: gram_tile<8>(buf, nb, ldb, i0, j0, c, gacc); break;
+    case 9: gram_tile<9>(buf, nb, ldb, i0, j0, c, gacc); break;
+    default: gram_tile<kMaxTile>(buf, nb, ldb, i0, j0, c, gacc); break;
+  }
+}
+
+// Per-thread scratch space.
+struct Workspace {
+  std::vector<V4> buf_storage;  // staged fp64 rows (zero padding columns), 32-byte aligned
+  double* buf = nullptr;
+  std::vector<double> gacc;   // one channel's Gram, c x c (upper triangle used)
+  std::vector<double> lanes;  // the group's Gram matrices, lane-interleaved (n x n x 4)
+  std::vector<V4> eig;        // topeig workspace
+};
+
+// Writes the (n x n) Gram matrix of channel m into lane `lane` of ws.lanes (both triangles):
+// (sM)^T (sM) when cols <= rows (n = cols), else (sM)(sM)^T (n = rows). Sums in fp64, in a fixed
+// order (blocks of rows, then tiles), independent of the lane and of the thread.
+template <typename T>
+void gram_into_lane(const T* m, std::int64_t rows, std::int64_t cols, double s, int lane,
+                    Workspace& ws) {
+  double* out = ws.lanes.data() + lane;
+  if (cols <= rows) {
+    const int c = static_cast<int>(cols);
+    const std::int64_t ldb = round_up4(c);
+    const std::int64_t block = std::max<std::int64_t>(8, kBlockDoubles / ldb);
+    double* gacc = ws.gacc.data();
+    std::fill(gacc, gacc + static_cast<std::int64_t>(c) * c, 0.0);
+    for (std::int64_t r0 = 0; r0 < rows; r0 += block) {
+      const std::int64_t nb = std::min(block, rows - r0);
+      // Prefetch the next block (possibly the next channel's first rows: channels are
+      // contiguous; prefetching past the end of the array is harmless).
+      const char* next = reinterpret_cast<const char*>(m + (r0 + nb) * c);
+      const std::int64_t next_lines = (block * c * static_cast<std::int64_t>(sizeof(T)) + 63) / 64;
+#if defined(MARS_SIMD4_AVX2)
+      if constexpr (std::is_same<T, float>::value) {
+        if (c == 9) {  // 3x3 kernels: G[0..7][4..8] and G[8][8] while staging, then G[0..3][0..3]
+          gram9_stage(m + r0 * c, nb, ws.buf, gacc, next, next_lines);
+          gram_tile<4>(ws.buf, nb, ldb, 0, 0, c, gacc);
+          continue;
+        }
+      }
+#endif
+      stage_rows(m + r0 * c, nb, c, ldb, s, ws.buf);
+      if (c == 9) {  // 3x3 kernels: G[0..3][0..8], then G[4..7][4..8] and G[8][8]
+        gram_tile<9>(ws.buf, nb, ldb, 0, 0, c, gacc, next, next_lines);
+        gram_tail9(ws.buf, nb, gacc);
+        continue;
+      }
+      for (int i0 = 0; i0 < c; i0 += 4) {
+        for (int j0 = i0; j0 < c; j0 += kMaxTile) {
+          gram_tile_dispatch(std::min(kMaxTile, c - j0), ws.buf, nb, ldb, i0, j0, c, gacc);
+        }
+      }
+    }
+    for (int i = 0; i < c; ++i) {
+      for (int j = i; j < c; ++j) {
+        const double v = gacc[i * c + j];
+        out[(static_cast<std::int64_t>(i) * c + j) * kGroup] = v;
+        out[(static_cast<std::int64_t>(j) * c + i) * kGroup] = v;
+      }
+    }
+  } else {
+    const int r = static_cast<int>(rows);
+    const std::int64_t ldc = round_up4(cols);
+    double* buf = ws.buf;
+    stage_rows(m, r, static_cast<int>(cols), ldc, s, buf);
+    for (int i = 0; i < r; ++i) {
+      for (int j = i; j < r; ++j) {
+        const double* a = buf + i * ldc;
+        const double* b = buf + j * ldc;
+        V4 acc = simd4::zero();
+        for (std::int64_t k = 0; k < ldc; k += 4) acc = simd4::fmadd(simd4::load(a + k), simd4::load(b + k), acc);
+        double l4[4];
+        simd4::store(l4, acc);
+        const double v = (l4[0] + l4[1]) + (l4[2] + l4[3]);
+        out[(static_cast<std::int64_t>(i) * r + j) * kGroup] = v;
+        out[(static_cast<std::int64_t>(j) * r + i) * kGroup] = v;
+      }
+    }
+  }
+}
+
 template <typename T>
 void spectral_impl(const T* w, std::int64_t out, std::int64_t rows, std::int64_t cols,
                    const double* scale, double* result, int n_threads) {
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
   if (out <= 0) return;
   const std::int64_t per_channel = rows * cols;
   if (per_channel == 0) {
@@ -137,35 +334,64 @@ void spectral_impl(const T* w, std::int64_t out, std::int64_t rows, std::int64_t
   }
   const bool by_columns = cols <= rows;  // Gram of the smaller side
   const std::int64_t n = by_columns ? cols : rows;
-  const std::int64_t grain = std::max<std::int64_t>(1, 32768 / per_channel);
-  parallel::parallel_for(out, n_threads, grain, [&](std::int64_t begin, std::int64_t end) {
-    std::vector<double> g(n > 1 ? static_cast<std::size_t>(n * n) : 1);
-    std::vector<double> buf;
-    if (n > 1) {
-      buf.resize(static_cast<std::size_t>(by_columns ? n * kBlock : per_channel));
-    }
-    for (std::int64_t k = begin; k < end; ++k) {
-      const T* m = w + k * per_channel;
-      double s = 1.0;
-      if (std::is_same<T, double>::value) s = channel_scale(m, per_channel);
-      double sigma;
-      if (std::isnan(s)) {
-        sigma = s;
-      } else if (n == 1) {
-        const double lambda = sum_squares(m, per_channel, s);
-        sigma = std::isfinite(lambda) ? std::sqrt(lambda) / s
-                                      : std::numeric_limits<double>::quiet_NaN();
-      } else {
-        if (!by_columns) {
-          gram_rows(m, static_cast<int>(rows), cols, s, buf.data(), g.data());
-        } else if (cols == 9) {
-          gram_columns<T, 9>(m, rows, 9, s, buf.data(), g.data());
-        } else {
-          gram_columns<T, 0>(m, rows, static_cast<int>(cols), s, buf.data(), g.data());
+  const std::int64_t grain = std::max<std::int64_t>(kGroup, 32768 / per_channel);
+  if (n == 1) {
+    parallel::parallel_for(out, n_threads, grain, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t k = begin; k < end; ++k) {
+        const T* m = w + k * per_channel;
+        const double s = std::is_same<T, double>::value ? channel_scale(m, per_channel) : 1.0;
+        double sigma = kNaN;
+        if (!std::isnan(s)) {
+          const double lambda = sum_squares(m, per_channel, s);
+          if (std::isfinite(lambda)) sigma = std::sqrt(lambda) / s;
         }
-        sigma = symeig::sigma_from_lambda(symeig::max_eigenvalue(g.data(), static_cast<int>(n))) / s;
+        result[k] = scale ? sigma * scale[k] : sigma;
       }
-      result[k] = scale ? sigma * scale[k] : sigma;
+    });
+    return;
+  }
+  const int nn = static_cast<int>(n);
+  parallel::parallel_for(out, n_threads, grain, [&](std::int64_t begin, std::int64_t end) {
+    Workspace ws;
+    // Rows are staged with a stride of round_up4(cols) doubles (32-byte aligned rows: no
+    // vector load crosses a cache line).
+    const std::int64_t ld = round_up4(cols);
+    const std::int64_t staged = by_columns ? std::max<std::int64_t>(8, kBlockDoubles / ld) * ld
+                                           : rows * ld;
+    ws.buf_storage.assign(static_cast<std::size_t>(staged / 4), simd4::zero());
+    ws.buf = reinterpret_cast<double*>(ws.buf_storage.data());
+    ws.gacc.assign(static_cast<std::size_t>(by_columns ? n * n : 1), 0.0);
+    ws.lanes.assign(static_cast<std::size_t>(n * n * kGroup), 0.0);
+    ws.eig.resize(static_cast<std::size_t>(topeig::workspace_vectors(nn)));
+    for (std::int64_t k0 = begin; k0 < end; k0 += kGroup) {
+      const int used = static_cast<int>(std::min<std::int64_t>(kGroup, end - k0));
+      double sc[kGroup] = {1.0, 1.0, 1.0, 1.0};
+      bool bad[kGroup] = {false, false, false, false};
+      for (int l = 0; l < kGroup; ++l) {
+        bool fill_zero = l >= used;
+        if (!fill_zero) {
+          const T* m = w + (k0 + l) * per_channel;
+          if (std::is_same<T, double>::value) sc[l] = channel_scale(m, per_channel);
+          bad[l] = std::isnan(sc[l]);
+          if (!bad[l]) {
+            gram_into_lane(m, rows, cols, sc[l], l, ws);
+            // A NaN/Inf input value makes its diagonal entry (a sum of squares) non-finite.
+            double trace = 0.0;
+            for (std::int64_t i = 0; i < n; ++i) trace += ws.lanes[(i * n + i) * kGroup + l];
+            bad[l] = !std::isfinite(trace);
+          }
+          fill_zero = bad[l];
+        }
+        if (fill_zero) {  // a finite placeholder (the zero matrix) for unused and bad lanes
+          for (std::int64_t i = 0; i < n * n; ++i) ws.lanes[i * kGroup + l] = 0.0;
+        }
+      }
+      double lambda[kGroup];
+      simd4::store(lambda, topeig::max_eigenvalue4(ws.lanes.data(), nn, ws.eig.data()));
+      for (int l = 0; l < used; ++l) {
+        const double sigma = bad[l] ? kNaN : std::sqrt(std::max(lambda[l], 0.0)) / sc[l];
+        result[k0 + l] = scale ? sigma * scale[k0 + l] : sigma;
+      }
     }
   });
 }

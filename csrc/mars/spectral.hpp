@@ -6,14 +6,19 @@
 // column vector so sigma = ||row||_2). result[k] = sigma_max(M_k) * scale[k] (scale may be null).
 //
 // Method: the fp64 Gram matrix of the smaller side (cols <= rows: M^T M, cols x cols; otherwise
-// M M^T, rows x rows), then its largest eigenvalue (symeig.hpp), sigma = sqrt(max(lambda, 0)).
-// Products of float32 values are exact in fp64, so for float32 input only the fp64 summation
-// rounds. float64 input whose magnitude would overflow or underflow the squares is rescaled by
-// an exact power of two first. A channel containing NaN or Inf yields NaN.
+// M M^T, rows x rows), then its largest eigenvalue, sigma = sqrt(max(lambda, 0)). Products of
+// float32 values are exact in fp64, so for float32 input only the fp64 summation rounds. float64
+// input whose magnitude would overflow or underflow the squares is rescaled by an exact power of
+// two first. A channel containing NaN or Inf yields NaN.
+//
+// Speed: the Gram is built by register-tiled fused multiply-adds over rows staged in fp64 blocks
+// (3x3 kernels: the float32 -> fp64 conversion is fused with the widest tile, and the next block
+// is prefetched while the current one is computed); the eigenvalue comes from Householder
+// tridiagonalisation + Laguerre iteration for 4 channels at once, one per SIMD lane (topeig.hpp).
 //
 // Channels are distributed over threads with mars::parallel::parallel_for; each channel is
-// computed by exactly one thread in a fixed order, so results are bit-identical for any thread
-// count.
+// computed by exactly one thread with a fixed summation order, and SIMD lanes never interact, so
+// results are bit-identical for any thread count.
 #pragma once
 
 #include <cstdint>

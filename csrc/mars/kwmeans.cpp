@@ -166,17 +166,25 @@ void barycenters(const Space& s, int k, const std::int64_t* labels, double* cent
     }
     return;
   }
-  std::vector<double> column;
+  // Median: gather each cluster's members transposed (one contiguous column per coordinate),
+  // then select the middle element(s); the value does not depend on the selection algorithm.
+  std::vector<double> columns;
   for (int c = 0; c < k; ++c) {
+    const std::int64_t m = count[c];
+    columns.resize(static_cast<std::size_t>(m * dim));
+    std::int64_t t = 0;
+    for (std::int64_t i = 0; i < s.n; ++i) {
+      if (labels[i] != c) continue;
+      const double* x = s.points + i * dim;
+      for (std::int64_t j = 0; j < dim; ++j) columns[j * m + t] = x[j];
+      ++t;
+    }
     for (std::int64_t j = 0; j < dim; ++j) {
-      column.clear();
-      for (std::int64_t i = 0; i < s.n; ++i) {
-        if (labels[i] == c) column.push_back(s.points[i * dim + j]);
-      }
-      std::sort(column.begin(), column.end());
-      const std::size_t m = column.size();
+      double* col = columns.data() + j * m;
+      std::nth_element(col, col + m / 2, col + m);
+      const double upper = col[m / 2];
       centers[c * dim + j] =
-          m % 2 == 1 ? column[m / 2] : (column[m / 2 - 1] + column[m / 2]) / 2.0;
+          m % 2 == 1 ? upper : (*std::max_element(col, col + m / 2) + upper) / 2.0;
     }
   }
 }

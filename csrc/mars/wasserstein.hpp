@@ -43,6 +43,11 @@ double wasserstein_1d(const double* u, std::int64_t m, const double* v, std::int
 // right without fused multiply-adds.
 double wasserstein_pow_equal(const double* a, const double* b, std::int64_t d, double p);
 
+// out[t] = wasserstein_pow_equal(a, b + t * d, d, p) for t in [0, count), bit for bit (rows of
+// b are consecutive), several rows at a time.
+void wasserstein_pow_equal_rows(const double* a, const double* b, std::int64_t count,
+                                std::int64_t d, double p, double* out);
+
 // Sorts every row of the row-major (n x d) matrix x into out (may alias x), rows in parallel.
 void sort_rows(const double* x, std::int64_t n, std::int64_t d, double* out, int n_threads);
 

@@ -485,3 +485,45 @@ def test_upload_objects_keep_metadata():
         assert isinstance(u, Upload) and u.num_examples == 24
         assert u.is_attacker == (u.client_id in ATTACKERS)
     assert dataclasses.is_dataclass(uploads[0])
+
+
+def test_config_is_json_ready_and_shared_protocol_for_cerp_and_3dfed():
+    import json
+
+    for name in ("mra", "cerp", "3dfed", "adaptive"):
+        cfg = make_attack(name).config()
+        assert cfg["name"] == name and json.loads(json.dumps(cfg)) == cfg
+    assert make_attack("adaptive").config()["lam"] == 0.01
+    assert make_attack("mra", gamma=2).config()["gamma"] == 2
+
+    cfg = make_config(attacker_protocol="shared")
+    uploads, _ = run_round(setup_attack(CerP(), cfg), make_ctx(cfg))
+    assert all(torch.equal(uploads[0].state[k], uploads[1].state[k]) for k in uploads[0].state)
+
+    attack = setup_attack(ThreeDFed(num_neurons=4), cfg)
+    ctx = make_ctx(cfg)
+    uploads, _ = run_round(attack, ctx)
+    det = attack.details
+    assert det["layers"] == ("conv3.weight", "fc1.weight", "fc2")
+    assert torch.equal(det["delta0"][0]["fc1.weight"], det["delta0"][1]["fc1.weight"])
+    assert list(det["factors"]) == [0]  # only the lead trained
+    d0, d1 = (delta(uploads[c].state, ctx.global_state) for c in (0, 1))
+    assert not torch.equal(d0["fc2.weight"], d1["fc2.weight"])  # different masks
+    assert not torch.equal(d0["conv3.weight"], d1["conv3.weight"])  # different indicators
+
+
+def test_attacks_run_inside_the_arena_loop():
+    sim = pytest.importorskip("mars_native.sim.loop")
+    from mars_native.sim.config import SimConfig
+
+    cfg = SimConfig(rounds=1, pretrain="none", num_clients=6, num_attackers=2,
+                    model_widths=[4, 6, 8], fc_width=16, attacker_epochs=1, local_epochs=1,
+                    threads=1, attacks=["mra"], defenses=["fedavg"])
+    for name in ("mra", "cerp", "3dfed", "adaptive"):
+        attack = make_attack(name, **({"num_neurons": 4, "initial_decoys": 1}
+                                      if name == "3dfed" else {}))
+        res = sim.run_simulation(cfg, attack, "fedavg")
+        rec = res.rounds[0]
+        assert rec["n_attackers"] == 2 and 0.0 <= rec["asr"] <= 1.0
+        assert rec["n_decoys"] == (1 if name == "3dfed" else 0)
+        assert res.attack_config["name"] == name

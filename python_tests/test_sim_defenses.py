@@ -194,3 +194,13 @@ def test_mars_accepts_everybody_without_attack():
     out = make_defense("mars")(make_round(g, states, widths=widths))
     assert not out.flagged.any() and out.weight_total == 12
     assert layout_of(g).size == out_vector(out, g).size
+
+
+def test_a_rejected_non_finite_upload_never_reaches_the_sum():
+    g, states, widths = _amplified_bn_round(attackers=())
+    states[4] = {k: v.clone() for k, v in states[4].items()}
+    states[4]["fc1.weight"][0, 0] = float("nan")
+    out = make_defense("mars")(make_round(g, states, widths=widths))
+    assert out.flagged[4] and out.info["reason_codes"][4] == "non_finite"
+    for v in out.update_sum.values():
+        assert torch.isfinite(v).all()

@@ -236,3 +236,12 @@ def test_deepsight_ddif_sees_the_target_class():
     )
     assert ddif.shape == (3, 20, 10)
     assert np.all(ddif[:, :4, 8] > 1.05 * ddif[:, 4:, 8].max())
+
+
+def test_rflbat_pca_matches_scikit_learn_up_to_signs():
+    from sklearn.decomposition import PCA
+
+    from mars_native.sim.defenses.rflbat import pca_2d
+
+    x = np.random.default_rng(15).normal(size=(12, 300))
+    np.testing.assert_allclose(np.abs(pca_2d(x)), np.abs(PCA(2).fit_transform(x)), atol=1e-9)

@@ -35,6 +35,7 @@ from mars_native.sim.defenses.common import (
     VectorDefense,
     gap_statistic,
     kmeans_labels,
+    matmul,
     seed_from,
 )
 
@@ -42,19 +43,21 @@ from mars_native.sim.defenses.common import (
 def lbfgs_hvp(s_list: np.ndarray, y_list: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Compact L-BFGS approximation of H v from pairs s_list, y_list of shape (m, d)."""
     s, y = np.asarray(s_list, dtype=np.float64), np.asarray(y_list, dtype=np.float64)
-    sty = s @ y.T  # (m, m): (S'Y)_ij = s_i . y_j
-    sts = s @ s.T
+    m = s.shape[0]
+    sy = np.concatenate([s, y])  # (2m, d)
+    prods = matmul(sy, sy.T)
+    sts, sty = prods[:m, :m], prods[:m, m:]  # (S'Y)_ij = s_i . y_j
     lower = np.tril(sty, k=-1)
     diag = np.diag(np.diag(sty))
-    sigma = float(y[-1] @ s[-1]) / float(s[-1] @ s[-1])
+    sigma = float(sty[-1, -1]) / float(sts[-1, -1])
     mat = np.block([[sigma * sts, lower], [lower.T, -diag]])
-    p = np.concatenate([sigma * (s @ v), y @ v])
+    sv_yv = matmul(sy, v)
+    p = np.concatenate([sigma * sv_yv[:m], sv_yv[m:]])
     try:
         q = np.linalg.solve(mat, p)
     except np.linalg.LinAlgError:
         q = np.linalg.lstsq(mat, p, rcond=None)[0]
-    m = s.shape[0]
-    return sigma * v - (sigma * (q[:m] @ s) + q[m:] @ y)
+    return sigma * v - matmul(np.concatenate([sigma * q[:m], q[m:]]), sy)
 
 
 def _clone_state(state: StateDict) -> StateDict:

@@ -38,17 +38,22 @@ from mars_native.sim.defenses.common import (
     cosine_similarity_matrix,
     euclidean_distance_matrix,
     gap_statistic,
+    gram_matrix,
     kmeans_labels,
     seed_from,
 )
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
-    """Projection of the rows of ``x`` on its first two principal components (n, 2)."""
+    """Projection of the rows of ``x`` on its first two principal components (n, 2).
+
+    Computed from the SVD of the small (n, n) Gram matrix of the centred rows (C C' = U S U',
+    principal coordinates U sqrt(S)): the same coordinates as the SVD of C (up to signs), without
+    a LAPACK call on a 20 x 500 000 matrix.
+    """
     c = x - x.mean(axis=0)
-    # thin SVD (n <= d): u * s are the principal coordinates
-    u, s, _ = np.linalg.svd(c, full_matrices=False)
-    z = u[:, :2] * s[:2]
+    u, s, _ = np.linalg.svd(gram_matrix(c), hermitian=True)
+    z = u[:, :2] * np.sqrt(np.maximum(s[:2], 0.0))
     if z.shape[1] < 2:
         z = np.pad(z, ((0, 0), (0, 2 - z.shape[1])))
     return z

@@ -237,13 +237,19 @@ def _serial_sum(a: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.take(np.cumsum(a, axis=axis), -1, axis=axis)
 
 
+def _nan_to_inf(costs: np.ndarray) -> np.ndarray:
+    """Costs that overflowed to NaN (inf - inf, for values near the float64 limit) count as
+    infinitely far, as in the compiled core."""
+    return np.where(np.isnan(costs), np.inf, costs)
+
+
 def _kmeans_pp(points, k, rng, cost, seed_weight):
     """k-means++: first center uniform, then probability proportional to ``seed_weight`` (the
     squared distance to the nearest chosen center); lowest unchosen index if all weights are 0."""
     n = points.shape[0]
     first = min(int(rng.uniform() * n), n - 1)
     chosen = [first]
-    weight = seed_weight(cost(points, points[first]))
+    weight = _nan_to_inf(seed_weight(cost(points, points[first])))
     for c in range(1, k):
         cumulative = np.cumsum(weight)
         total = cumulative[-1]
@@ -257,13 +263,13 @@ def _kmeans_pp(points, k, rng, cost, seed_weight):
             idx = min(set(range(n)) - set(chosen))
         chosen.append(idx)
         if c + 1 < k:
-            weight = np.minimum(weight, seed_weight(cost(points, points[idx])))
+            weight = np.minimum(weight, _nan_to_inf(seed_weight(cost(points, points[idx]))))
     return points[chosen].copy()
 
 
 def _assign(points, centers, cost):
     """Nearest center of every point (lowest cluster index on ties) and its cost."""
-    costs = np.stack([cost(points, c) for c in centers], axis=1)
+    costs = _nan_to_inf(np.stack([cost(points, c) for c in centers], axis=1))
     labels = np.argmin(costs, axis=1)
     return labels, costs[np.arange(points.shape[0]), labels]
 

@@ -98,7 +98,9 @@ def test_official_mode_agrees_with_sklearn_kmeans_on_the_distance_matrix():
     sklearn_cluster = pytest.importorskip("sklearn.cluster")
     X, truth = three_groups(np.random.default_rng(3), per_group=(8, 5), d=20)
     km = KWMeans(2, mode="official").fit(X)
-    sk = sklearn_cluster.KMeans(2, random_state=0, n_init=10).fit(km.distances_)
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(1):  # a 13 x 13 problem: threads only add overhead
+        sk = sklearn_cluster.KMeans(2, random_state=0, n_init=10).fit(km.distances_)
     assert partition(km.labels_) == partition(sk.labels_) == partition(truth)
     np.testing.assert_allclose(km.inertia_, sk.inertia_, rtol=1e-9)
 
@@ -229,3 +231,17 @@ def test_predict_errors():
         km.predict(np.ones((2, 4)))
     with pytest.raises(ValueError, match="Inf"):
         km.predict(np.full((1, 3), np.inf))
+
+
+@pytest.mark.parametrize(("mode", "p"), MODES)
+def test_overflowing_distances_do_not_crash(mode, p):
+    # Finite inputs near the float64 limit make differences overflow (inf, then inf - inf = NaN in
+    # the official mode's Euclidean step). Such costs count as infinitely far: no crash, valid
+    # labels, the same result as the reference.
+    X = np.array([[1e308, -1e308, 0.0], [-1e308, 1e308, 5.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    km = KWMeans(2, p=p, mode=mode).fit(X)
+    with np.errstate(all="ignore"):
+        ref = reference.kwmeans(X, 2, p, 10, 100, 0.0, 0, mode)
+    np.testing.assert_array_equal(km.labels_, ref["labels"])
+    assert set(km.labels_.tolist()) == {0, 1}
+    assert set(km.predict(X).tolist()) <= {0, 1}

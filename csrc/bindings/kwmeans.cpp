@@ -31,7 +31,7 @@ void check_p(double p, Mode mode) {
   }
 }
 
-DoubleArray matrix_arg(const py::object& obj, const char* name) {
+DoubleArray matrix_arg(const py::object& obj, const char* name, bool finite = true) {
   DoubleArray a = as_float64(obj, name);
   if (a.ndim() != 2) {
     throw std::invalid_argument(std::string(name) + " must be 2-D (n_samples, d), got shape " +
@@ -41,7 +41,7 @@ DoubleArray matrix_arg(const py::object& obj, const char* name) {
     throw std::invalid_argument(std::string(name) + " must not be empty, got shape " +
                                 shape_str(a));
   }
-  require_finite(a, name);
+  if (finite) require_finite(a, name);
   return a;
 }
 
@@ -108,7 +108,8 @@ py::array_t<std::int64_t> kwmeans_predict(const py::object& x_obj, const py::obj
   check_p(p, mode);
   n_threads = threads_arg(n_threads);
   DoubleArray x = matrix_arg(x_obj, "X");
-  DoubleArray centers = matrix_arg(centers_obj, "centers");
+  // Fitted centers may hold Inf/NaN when the training distances overflowed: accepted here.
+  DoubleArray centers = matrix_arg(centers_obj, "centers", false);
   const std::int64_t m = x.shape(0), d = x.shape(1);
   const int k = static_cast<int>(centers.shape(0));
   py::array_t<std::int64_t> labels(static_cast<py::ssize_t>(m));

@@ -58,6 +58,12 @@ MARS_NO_CONTRACT_ATTR double squared_shift(const double* a, const double* b, std
   return sum;
 }
 
+// Costs of samples whose differences overflow (|x| near DBL_MAX) can be NaN (inf - inf); they
+// count as infinitely far so that every comparison below stays well defined.
+inline double nan_to_inf(double v) {
+  return std::isnan(v) ? std::numeric_limits<double>::infinity() : v;
+}
+
 struct Run {
   std::vector<std::int64_t> labels;
   std::vector<double> centers;
@@ -75,7 +81,9 @@ void kmeans_plus_plus(const Space& s, int k, rng::SplitMix64& gen, double* cente
   };
   std::int64_t first = static_cast<std::int64_t>(gen.uniform() * static_cast<double>(n));
   take(0, std::min(first, n - 1));
-  for (std::int64_t i = 0; i < n; ++i) weight[i] = seed_weight(s, cost(s, s.points + i * dim, centers));
+  for (std::int64_t i = 0; i < n; ++i) {
+    weight[i] = nan_to_inf(seed_weight(s, cost(s, s.points + i * dim, centers)));
+  }
   for (int c = 1; c < k; ++c) {
     double total = 0.0;
     std::vector<double> cumulative(static_cast<std::size_t>(n));
@@ -97,7 +105,8 @@ void kmeans_plus_plus(const Space& s, int k, rng::SplitMix64& gen, double* cente
     take(c, idx);
     if (c + 1 < k) {
       for (std::int64_t i = 0; i < n; ++i) {
-        weight[i] = std::min(weight[i], seed_weight(s, cost(s, s.points + i * dim, centers + c * dim)));
+        const double w = nan_to_inf(seed_weight(s, cost(s, s.points + i * dim, centers + c * dim)));
+        weight[i] = std::min(weight[i], w);
       }
     }
   }
@@ -110,10 +119,10 @@ void assign(const Space& s, int k, const double* centers, std::int64_t* labels, 
   parallel::parallel_for(s.n, n_threads, grain, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t i = begin; i < end; ++i) {
       const double* x = s.points + i * s.dim;
-      double best = cost(s, x, centers);
+      double best = nan_to_inf(cost(s, x, centers));
       std::int64_t label = 0;
       for (int c = 1; c < k; ++c) {
-        const double v = cost(s, x, centers + c * s.dim);
+        const double v = nan_to_inf(cost(s, x, centers + c * s.dim));
         if (v < best) {
           best = v;
           label = c;
@@ -136,7 +145,7 @@ void fill_empty_clusters(const Space& s, int k, double* centers, std::int64_t* l
     std::int64_t far = -1;
     double far_cost = -std::numeric_limits<double>::infinity();
     for (std::int64_t i = 0; i < s.n; ++i) {
-      if (count[labels[i]] > 1 && costs[i] > far_cost) {
+      if (count[labels[i]] > 1 && (far < 0 || costs[i] > far_cost)) {  // costs are never NaN
         far = i;
         far_cost = costs[i];
       }

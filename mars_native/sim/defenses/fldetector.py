@@ -34,6 +34,7 @@ from mars_native.sim.defenses.common import (
     RoundVectors,
     VectorDefense,
     gap_statistic,
+    gram_matrix,
     kmeans_labels,
     matmul,
     seed_from,
@@ -45,7 +46,7 @@ def lbfgs_hvp(s_list: np.ndarray, y_list: np.ndarray, v: np.ndarray) -> np.ndarr
     s, y = np.asarray(s_list, dtype=np.float64), np.asarray(y_list, dtype=np.float64)
     m = s.shape[0]
     sy = np.concatenate([s, y])  # (2m, d)
-    prods = matmul(sy, sy.T)
+    prods = gram_matrix(sy)
     sts, sty = prods[:m, :m], prods[:m, m:]  # (S'Y)_ij = s_i . y_j
     lower = np.tril(sty, k=-1)
     diag = np.diag(np.diag(sty))

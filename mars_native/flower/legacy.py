@@ -6,8 +6,12 @@ converts ``Parameters`` to named arrays and runs the same round logic as
 
 Legacy ``Parameters`` carry no names. Pass ``param_names`` (e.g.
 ``list(model.state_dict().keys())``) so MARS can pair every conv with the BatchNorm that follows
-it by name; without names the arrays are keyed ``"0", "1", ...`` and the pairing falls back to
-their order (and shape agreement), which holds for ``state_dict()`` order but not for a sorted one.
+it by name. Without names the pairing falls back to key order: :func:`infer_param_names` reads the
+arrays in the order of ``model.state_dict()`` (a conv weight, its bias, then a BatchNorm's weight,
+bias, running mean and variance and ``num_batches_tracked``) and names them accordingly. That
+holds for ``[v.numpy() for v in model.state_dict().values()]`` (what Flower's PyTorch examples
+send), not for arrays in another order; a BatchNorm sent without its running statistics (only
+``model.parameters()``) is not recognised, and its conv is then scored without BN scaling.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from mars_native.flower._round import (
     run_round,
 )
 
-__all__ = ["MarsLegacy"]
+__all__ = ["MarsLegacy", "infer_param_names"]
 
 
 def _node_id(proxy: ClientProxy) -> int | str:
@@ -53,6 +57,53 @@ def _params_hash(params: Parameters) -> str:
         h.update(len(t).to_bytes(8, "little"))
         h.update(t)
     return h.hexdigest()
+
+
+def infer_param_names(arrays: Sequence[np.ndarray]) -> list[str]:
+    """Names for unnamed arrays laid out in ``state_dict()`` order, so MARS can score them.
+
+    A weight with >= 2 dims starts module ``m<j>`` (``m<j>.conv.weight`` for >= 3 dims, else
+    ``m<j>.linear.weight``); the 1-D float arrays of its output size that follow it are its bias
+    and/or a BatchNorm (``m<j>.bn.weight/bias/running_mean/running_var`` when there are 4 or 5 of
+    them, plus ``m<j>.bn.num_batches_tracked`` for an integer scalar right after). Anything else is
+    ``param<i>``.
+    """
+    n = len(arrays)
+    names = [f"param{i}" for i in range(n)]
+    i = module = 0
+    while i < n:
+        a = arrays[i]
+        if a.ndim < 2:
+            i += 1
+            continue
+        prefix = f"m{module}"
+        module += 1
+        kind = "conv" if a.ndim >= 3 else "linear"
+        names[i] = f"{prefix}.{kind}.weight"
+        i += 1
+        j = i
+        while (
+            j < n
+            and arrays[j].ndim == 1
+            and arrays[j].shape[0] == a.shape[0]
+            and arrays[j].dtype.kind == "f"
+        ):
+            j += 1
+        run = j - i
+        if run in (4, 5):
+            if run == 5:
+                names[i] = f"{prefix}.{kind}.bias"
+                i += 1
+            for leaf in ("weight", "bias", "running_mean", "running_var"):
+                names[i] = f"{prefix}.bn.{leaf}"
+                i += 1
+            if i < n and arrays[i].ndim == 0 and arrays[i].dtype.kind in "iu":
+                names[i] = f"{prefix}.bn.num_batches_tracked"
+                i += 1
+        elif run >= 1:
+            names[i] = f"{prefix}.{kind}.bias"
+            i += 1
+    return names
 
 
 class MarsLegacy(LegacyFedAvg):
@@ -129,14 +180,9 @@ class MarsLegacy(LegacyFedAvg):
         self.current_parameters = parameters
         return super().configure_fit(server_round, parameters, client_manager)
 
-    def _names(self, n: int) -> list[str]:
-        if self.param_names is None:
-            return [str(i) for i in range(n)]
-        return list(self.param_names)
-
     def _to_state(self, params: Parameters) -> dict[str, np.ndarray]:
         arrays = parameters_to_ndarrays(params)
-        names = self._names(len(arrays))
+        names = self.param_names if self.param_names is not None else infer_param_names(arrays)
         if len(arrays) != len(names):
             raise ValueError(f"expected {len(names)} arrays (param_names), got {len(arrays)}")
         return dict(zip(names, arrays))

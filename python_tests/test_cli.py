@@ -1,11 +1,11 @@
-"""The ``mars-native`` console script, run as a subprocess (the installed script when there is
-one, else ``python -m mars_native.cli`` from the source tree)."""
+"""The ``mars-native`` console script, run as a subprocess: the installed script of the Python
+environment running the tests when there is one (CI installs the package), else
+``python -m mars_native.cli`` on the same ``mars_native`` the tests import (a developer tree)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +14,31 @@ import numpy as np
 import pytest
 from test_aggregation import assert_state_close, expected_state, make_clients, make_model
 
+import mars_native
 from mars_native import io
 
-REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).with_name("mars-native")
+PACKAGE_PARENT = Path(mars_native.__file__).resolve().parents[1]
 
 
 def _command() -> list[str]:
-    script = shutil.which("mars-native")
-    if script is not None:
-        return [script]
+    if SCRIPT.is_file() and os.access(SCRIPT, os.X_OK):
+        return [str(SCRIPT)]
     return [sys.executable, "-m", "mars_native.cli"]
 
 
 def run_cli(*args: str | os.PathLike, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    if shutil.which("mars-native") is None:  # source tree: make the package importable
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    if _command()[0] == sys.executable:  # not installed: run the package the tests import
+        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")])
     return subprocess.run([*_command(), *map(str, args)], capture_output=True, text=True, check=False,
                           cwd=cwd, env=env, timeout=300)
+
+
+def test_the_installed_script_runs_the_tested_package():
+    r = run_cli("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"mars-native {mars_native.build_info()['version']}"
 
 
 @pytest.fixture(scope="module")

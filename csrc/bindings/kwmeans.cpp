@@ -144,7 +144,9 @@ py::array_t<std::int64_t> kwmeans_predict(const py::object& x_obj, const py::obj
 // The first `count` outputs and uniforms of SplitMix64(seed): lets the tests compare the C++
 // generator with its Python twin directly.
 py::tuple splitmix64_stream(std::uint64_t seed, int count) {
-  if (count < 0) throw std::invalid_argument("count must be >= 0");
+  if (count < 0 || count > (1 << 20)) {
+    throw std::invalid_argument("count must be in [0, 2^20], got " + std::to_string(count));
+  }
   py::array_t<std::uint64_t> raw(count);
   py::array_t<double> uniform(count);
   mars::rng::SplitMix64 a(seed), b(seed);

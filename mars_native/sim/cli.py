@@ -88,7 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "defense params, e.g. defense_params.mars.kappa=0.1")
     g.add_argument("--record-energy", action="store_true",
                    help="store every upload's CBE and plot energy distributions")
-    g.add_argument("--threads", type=int, help="torch threads (default: min(cores, 4))")
+    g.add_argument("--threads", type=int,
+                   help="torch threads per run (default 1; part of the experiment: the thread "
+                        "count can change the last bits of a result)")
+    g.add_argument("--jobs", type=int,
+                   help="runs in parallel worker processes (default: one per core; results "
+                        "do not depend on it)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", default="mars-out", metavar="DIR", help="output directory")
     o.add_argument("--sweep", choices=["ratio", "kappa", "epsilon"],
@@ -150,7 +155,7 @@ def build_config(args: argparse.Namespace):
         "per_round": args.per_round, "alpha": args.alpha, "seed": args.seed,
         "pretrain_rounds": args.pretrain_rounds, "server_lr": args.server_lr,
         "global_rule": args.global_rule, "attacker_protocol": args.attacker_protocol,
-        "asr_rule": args.asr_rule, "threads": args.threads,
+        "asr_rule": args.asr_rule, "threads": args.threads, "jobs": args.jobs,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.record_energy:
@@ -221,11 +226,14 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     n_pairs = len(config.attacks) * len(config.defenses)
+    n_runs = n_pairs * (len(sweep_values) if sweep_values else 1)
     console.print(
         f"[bold]mars-native simulate[/] preset={preset or '-'}  {config.dataset}, "
         f"{config.num_clients} clients / {config.num_attackers} attackers, alpha={config.alpha}, "
         f"{config.rounds} attack rounds after {config.pretrain_rounds} clean rounds, "
-        f"seed {config.seed}, {config.resolved_threads()} threads -> {out}/"
+        f"seed {config.seed}; {n_pairs} attack x defense pairs, "
+        f"{config.resolved_jobs(n_runs if not args.sweep else 10**6)} parallel jobs x "
+        f"{config.resolved_threads()} thread(s) -> {out}/"
     )
     t0 = time.perf_counter()
     if args.sweep:

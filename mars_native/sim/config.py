@@ -143,8 +143,11 @@ class SimConfig:
     # -- reproducibility / execution ----------------------------------------------------------
     seed: int = 0
     device: str = "cpu"
-    threads: int = 0  # torch threads; 0 = min(cpu count, 4)
-    deterministic: bool = True  # torch.use_deterministic_algorithms during the run
+    threads: int = 1  # torch threads per run (0 = min(cpu count, 4)); the thread count can
+    #                   change the last bits of a result, so it is part of the experiment
+    jobs: int = 0  # runs executed in parallel processes by the CLI/run_experiments; 0 = one per
+    #                core (results do not depend on it)
+    deterministic: bool = True  # torch.use_deterministic_algorithms on non-CPU devices
 
     # ---------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -182,6 +185,8 @@ class SimConfig:
             bad("test_size", "must be in (0, 1)")
         if self.threads < 0:
             bad("threads", "must be >= 0 (0 = automatic)")
+        if self.jobs < 0:
+            bad("jobs", "must be >= 0 (0 = one per core)")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -194,6 +199,13 @@ class SimConfig:
 
     def resolved_threads(self) -> int:
         return self.threads if self.threads > 0 else max(1, min(os.cpu_count() or 1, 4))
+
+    def resolved_jobs(self, n_runs: int) -> int:
+        """Parallel worker processes for ``n_runs`` runs (at most one per core)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        jobs = self.jobs if self.jobs > 0 else cores
+        return max(1, min(jobs, n_runs))
 
     def params_for_attack(self, name: str) -> dict[str, Any]:
         return dict(self.attack_params.get(name, {}))

@@ -107,27 +107,35 @@ class FederatedData:
         return cls.from_tensors(trx, try_, tex, tey, **kwargs)
 
 
-def make_normalizer(mean: float | Sequence[float], std: float | Sequence[float]):
-    """``raw -> (raw - mean) / std``; per-channel when mean/std are sequences (dim 1 of a batch
-    or dim 0 of one image is the channel)."""
-    if np.ndim(mean) == 0 and np.ndim(std) == 0:
-        m, s = float(mean), float(std)
+class Normalizer:
+    """``raw -> (raw - mean) / std`` (picklable, so datasets can travel to worker processes).
 
-        def normalize(x):
-            return (x - m) / s
+    Scalars, or per-channel sequences (the channel is dim 1 of a batch ``(N, C, H, W)`` and dim 0
+    of one image ``(C, H, W)``)."""
 
-        return normalize
-    m_t = torch.as_tensor(mean, dtype=torch.float32)
-    s_t = torch.as_tensor(std, dtype=torch.float32)
+    def __init__(self, mean: float | Sequence[float], std: float | Sequence[float]) -> None:
+        self.per_channel = not (np.ndim(mean) == 0 and np.ndim(std) == 0)
+        if self.per_channel:
+            self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+            self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        else:
+            self.mean, self.std = float(mean), float(std)
 
-    def normalize_channels(x):
+    def __call__(self, x):
+        if not self.per_channel:
+            return (x - self.mean) / self.std
         x = torch.as_tensor(x, dtype=torch.float32)
         shape = [1] * x.dim()
-        ch_dim = 1 if x.dim() == 4 else 0
-        shape[ch_dim] = -1
-        return (x - m_t.view(shape)) / s_t.view(shape)
+        shape[1 if x.dim() == 4 else 0] = -1
+        return (x - self.mean.view(shape)) / self.std.view(shape)
 
-    return normalize_channels
+    def __repr__(self) -> str:
+        return f"Normalizer(mean={self.mean}, std={self.std})"
+
+
+def make_normalizer(mean: float | Sequence[float], std: float | Sequence[float]) -> Normalizer:
+    """``raw -> (raw - mean) / std``; per-channel when mean/std are sequences."""
+    return Normalizer(mean, std)
 
 
 def load_digits_data(test_size: float = 0.25, seed: int = 0) -> FederatedData:

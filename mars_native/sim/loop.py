@@ -52,6 +52,7 @@ __all__ = [
     "apply_global_rule",
     "asr_stamp",
     "is_honest",
+    "prepare_start",
     "resolve_attack",
     "resolve_defense",
     "run_simulation",
@@ -205,15 +206,22 @@ def sample_participants(config: SimConfig, round_idx: int) -> list[int]:
 @contextlib.contextmanager
 def torch_settings(config: SimConfig, seed_key: str = "global"):
     """Threads, deterministic algorithms and seeded global RNGs (torch, NumPy, random) for the
-    duration of a run; everything is restored afterwards."""
+    duration of a run; everything is restored afterwards.
+
+    torch's CPU kernels are deterministic for a fixed thread count, so
+    ``torch.use_deterministic_algorithms`` (whose first call imports torch's compiler stack,
+    seconds) is only switched on for other devices when ``config.deterministic``.
+    """
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
+    want_det = bool(config.deterministic) and torch.device(config.device).type != "cpu"
     np_state = np.random.get_state()
     py_state = random.getstate()
     base = derive_seed(config.seed, seed_key)
     try:
         torch.set_num_threads(config.resolved_threads())
-        torch.use_deterministic_algorithms(bool(config.deterministic))
+        if want_det != det:
+            torch.use_deterministic_algorithms(want_det)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(base)
             np.random.seed(base % (2**32))
@@ -221,7 +229,8 @@ def torch_settings(config: SimConfig, seed_key: str = "global"):
             yield
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det)
+        if want_det != det:
+            torch.use_deterministic_algorithms(det)
         np.random.set_state(np_state)
         random.setstate(py_state)
 
@@ -285,7 +294,7 @@ def run_simulation(
     defense_name = defense if isinstance(defense, str) else getattr(defense, "name", "defense")
     attack = resolve_attack(attack, config)
     defense = resolve_defense(defense, config)
-    custom_model = make_model is not None
+    model_id = _model_id(make_model)
     data = data if data is not None else load_dataset(config)
     make_model = make_model if make_model is not None else model_factory(config, data)
 
@@ -294,7 +303,7 @@ def run_simulation(
         final_layer = final_layer_name(trainer.model)
         split = client_split(config, data)
         theta = pretrained_state(config, data, trainer, split, cache_dir=cache_dir,
-                                 custom_model=custom_model, progress=progress)
+                                 model_id=model_id, progress=progress)
 
         attack.setup(config, data.input_shape, data.normalize)
         defense.reset()
@@ -341,6 +350,39 @@ def run_simulation(
         wall_seconds=time.perf_counter() - t_start,
         final_state=theta if keep_state else None,
     )
+
+
+_MODEL_REFS: dict[str, Any] = {}
+
+
+def _model_id(make_model) -> str | None:
+    """Identity of a user model factory for the in-memory pretraining cache (the factory is
+    kept alive so that its id cannot be reused by another object)."""
+    if make_model is None:
+        return None
+    key = f"user-{id(make_model)}"
+    _MODEL_REFS[key] = make_model
+    return key
+
+
+def prepare_start(
+    config: SimConfig,
+    *,
+    data: FederatedData | None = None,
+    make_model: Callable[[], nn.Module] | None = None,
+    cache_dir: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> StateDict:
+    """Compute (or load) the pretrained start of ``config`` and fill the caches, so that later
+    runs (in this process, or in workers sharing ``cache_dir``) only load it."""
+    model_id = _model_id(make_model)
+    data = data if data is not None else load_dataset(config)
+    make_model = make_model if make_model is not None else model_factory(config, data)
+    with torch_settings(config):
+        trainer = Trainer(config, data, make_model)
+        split = client_split(config, data)
+        return pretrained_state(config, data, trainer, split, cache_dir=cache_dir,
+                                model_id=model_id, progress=progress)
 
 
 def _call_config(attack: Attack) -> dict:

@@ -9,18 +9,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import SimConfig
-from .loop import RunResult, run_simulation
+from .data import load_dataset
+from .loop import RunResult, prepare_start, run_simulation
 
 __all__ = [
     "RichProgress",
@@ -43,6 +46,100 @@ ROUND_COLUMNS = [
 
 
 # -- running -------------------------------------------------------------------------------------
+def _worker(config_dict: dict, attack: str, defense: str, cache_dir: str | None, queue,
+            data) -> RunResult:
+    """One run in a worker process (spawned: a fresh interpreter, torch threads per config)."""
+    config = SimConfig.from_dict(config_dict)
+    progress = queue.put if queue is not None else None
+    return run_simulation(config, attack, defense, data=data, progress=progress,
+                          cache_dir=cache_dir)
+
+
+def run_pairs(
+    runs: Sequence[tuple[SimConfig, str, str]],
+    *,
+    jobs: int = 1,
+    data=None,
+    make_model=None,
+    progress: Callable[[dict], None] | None = None,
+    cache_dir: str | Path | None = None,
+) -> list[RunResult]:
+    """Run ``(config, attack, defense)`` triples; returns results in input order.
+
+    The pretrained start of every distinct config is computed first (once, in this process).
+    With ``jobs > 1`` the runs then execute in ``jobs`` spawned worker processes that load the
+    start from ``cache_dir`` (a temporary directory when None) and receive the dataset (pickled)
+    from this process; every run is a pure function of its config, so the results are the same
+    for any ``jobs``. A custom ``make_model`` or an unpicklable ``data`` runs sequentially.
+    """
+    runs = list(runs)
+    if not runs:
+        return []
+    parallel = jobs > 1 and len(runs) > 1 and make_model is None and _picklable(data)
+    with contextlib.ExitStack() as stack:
+        if parallel and cache_dir is None:
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mars-sim-"))
+        cache = None if cache_dir is None else str(cache_dir)
+        seen: set[str] = set()
+        for cfg, _, _ in runs:  # pretraining once per distinct config, before any run
+            key = json.dumps(cfg.to_dict(), sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                prepare_start(cfg, data=data, make_model=make_model, cache_dir=cache,
+                              progress=progress)
+        if not parallel:
+            return [run_simulation(cfg, a, d, data=data, make_model=make_model,
+                                   progress=progress, cache_dir=cache) for cfg, a, d in runs]
+        return _run_parallel(runs, jobs, cache, progress, data)
+
+
+def _picklable(obj) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - anything unpicklable means "run sequentially"
+        return False
+    return True
+
+
+def _run_parallel(runs, jobs, cache, progress, data) -> list[RunResult]:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        queue = manager.Queue() if progress is not None else None
+        with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=ctx) as pool:
+            datasets = {}
+            for cfg, _, _ in runs:  # one dataset per distinct (dataset, test_size)
+                key = (cfg.dataset, cfg.test_size)
+                if key not in datasets:
+                    datasets[key] = data if data is not None else load_dataset(cfg)
+            futures = [pool.submit(_worker, cfg.to_dict(), a, d, cache, queue,
+                                   datasets[(cfg.dataset, cfg.test_size)])
+                       for cfg, a, d in runs]
+            pending = set(futures)
+            while pending:
+                _done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(queue, progress)
+            _drain(queue, progress)
+            return [f.result() for f in futures]
+
+
+def _drain(queue, progress) -> None:
+    if queue is None:
+        return
+    import queue as queue_mod
+
+    while True:
+        try:
+            event = queue.get_nowait()
+        except (queue_mod.Empty, EOFError, OSError):
+            return
+        progress(event)
+
+
 def run_experiments(
     config: SimConfig,
     *,
@@ -54,23 +151,24 @@ def run_experiments(
     progress: Callable[[dict], None] | None = None,
     plots: bool = True,
     cache_dir: str | Path | None = None,
+    jobs: int | None = None,
 ) -> list[RunResult]:
     """Run ``attacks x defenses`` (default: the config's lists), attack-major, and write the
-    results (and plots) to ``out_dir`` if given. The pretrained start is computed once."""
+    results (and plots) to ``out_dir`` if given. The pretrained start is computed once (and
+    cached on disk in ``out_dir/cache``); ``jobs`` (default ``config.jobs``, 0 = one per core)
+    parallel worker processes share the runs."""
     attacks = list(attacks if attacks is not None else config.attacks)
     defenses = list(defenses if defenses is not None else config.defenses)
     if cache_dir is None and out_dir is not None:
         cache_dir = Path(out_dir) / "cache"
-    results: list[RunResult] = []
+    runs = [(config, a, d) for a in attacks for d in defenses]
+    n_jobs = config.resolved_jobs(len(runs)) if jobs is None else max(1, jobs)
     t0 = time.perf_counter()
-    for attack in attacks:
-        for defense in defenses:
-            results.append(run_simulation(
-                config, attack, defense, data=data, make_model=make_model, progress=progress,
-                cache_dir=None if cache_dir is None else str(cache_dir),
-            ))
+    results = run_pairs(runs, jobs=n_jobs, data=data, make_model=make_model, progress=progress,
+                        cache_dir=cache_dir)
     if out_dir is not None:
-        write_results(out_dir, config, results, wall_seconds=time.perf_counter() - t0)
+        write_results(out_dir, config, results, wall_seconds=time.perf_counter() - t0,
+                      jobs=n_jobs)
         if plots:
             from .plots import plot_all
 

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import SimConfig
-from .loop import RunResult, run_simulation
-from .report import SUMMARY_COLUMNS, _csv_value, _json_safe
+from .loop import RunResult
+from .report import SUMMARY_COLUMNS, _csv_value, _json_safe, run_pairs
 
 __all__ = ["SWEEPS", "run_sweep", "sweep_configs", "sweep_values"]
 
@@ -76,19 +76,23 @@ def run_sweep(
     data=None,
     make_model=None,
     plots: bool = True,
+    jobs: int | None = None,
 ) -> list[tuple[float, RunResult]]:
     """Run the sweep and (with ``out_dir``) write its JSON, CSV and PNG."""
     attacks = list(attacks if attacks is not None else config.attacks)
     defenses = list(defenses if defenses is not None else config.defenses)
     values = list(values) if values is not None else sweep_values(kind, config)
     cache = None if out_dir is None else str(Path(out_dir) / "cache")
-    points: list[tuple[float, RunResult]] = []
+    runs, point_values = [], []
     for value, cfg in sweep_configs(kind, config, values, defenses):
         for a in attacks:
             for d in defenses:
-                r = run_simulation(cfg, a, d, data=data, make_model=make_model,
-                                   progress=progress, cache_dir=cache)
-                points.append((value, r))
+                runs.append((cfg, a, d))
+                point_values.append(value)
+    n_jobs = config.resolved_jobs(len(runs)) if jobs is None else max(1, jobs)
+    results = run_pairs(runs, jobs=n_jobs, data=data, make_model=make_model, progress=progress,
+                        cache_dir=cache)
+    points: list[tuple[float, RunResult]] = list(zip(point_values, results))
     if out_dir is not None:
         write_sweep(out_dir, kind, config, points)
         if plots:

@@ -26,6 +26,7 @@ __all__ = [
     "Trainer",
     "client_split",
     "clone_state",
+    "data_fingerprint",
     "derive_seed",
     "initial_state",
     "is_float_key",
@@ -179,13 +180,27 @@ _PRETRAIN_FIELDS = (
 _PRETRAIN_CACHE: dict[str, StateDict] = {}
 
 
-def pretrain_cache_key(config, data: FederatedData, custom_model: bool = False) -> str:
-    """Hash of everything the pretrained state depends on (``None`` semantics: a user-supplied
-    model or dataset is identified by object id, i.e. cached per process only)."""
+def data_fingerprint(data: FederatedData) -> str:
+    """A content hash of a dataset's tensors (computed once per object)."""
+    fp = getattr(data, "_fingerprint", None)
+    if fp is None:
+        h = hashlib.sha256()
+        for t in (data.train_x, data.train_y, data.test_x, data.test_y):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        fp = h.hexdigest()[:16]
+        data._fingerprint = fp
+    return fp
+
+
+def pretrain_cache_key(config, data: FederatedData, model_id: str | None = None) -> str:
+    """Hash of everything the pretrained state depends on: the config fields that matter, the
+    dataset's content and, for a user-supplied model factory, ``model_id`` (its object id: such
+    starts are cached in memory only)."""
     fields = {f: getattr(config, f) for f in _PRETRAIN_FIELDS}
     fields["threads"] = config.resolved_threads()
-    fields["data"] = data.name if data.name != "custom" else f"custom-{id(data)}"
-    fields["custom_model"] = custom_model
+    fields["data"] = data_fingerprint(data)
+    fields["model_id"] = model_id
     blob = json.dumps(fields, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -204,7 +219,7 @@ def pretrained_state(
     client_indices: list[np.ndarray],
     *,
     cache_dir: str | Path | None = None,
-    custom_model: bool = False,
+    model_id: str | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> StateDict:
     """The global model the attack window starts from (computed once per config and cached).
@@ -212,12 +227,14 @@ def pretrained_state(
     ``pretrain="fedavg"`` (default, spec 1.6): ``pretrain_rounds`` rounds of benign FedAvg (plain
     mean) over *all* clients, every one honest, from the seeded initial weights.
     ``"central"``: ``pretrain_epochs`` of centralised SGD on the union of the clients' data.
-    ``"none"``: the initial weights. ``cache_dir`` adds an on-disk cache (safe to share).
+    ``"none"``: the initial weights. ``cache_dir`` adds an on-disk cache (safe to share; not
+    used for a user-supplied model factory, identified by ``model_id``).
     """
-    key = pretrain_cache_key(config, data, custom_model)
+    key = pretrain_cache_key(config, data, model_id)
     if key in _PRETRAIN_CACHE:
         return clone_state(_PRETRAIN_CACHE[key])
-    path = Path(cache_dir) / f"pretrain-{key}.pt" if cache_dir is not None else None
+    use_disk = cache_dir is not None and model_id is None
+    path = Path(cache_dir) / f"pretrain-{key}.pt" if use_disk else None
     if path is not None and path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -42,10 +42,12 @@ def to_numpy(x: Any, *, name: str = "array") -> np.ndarray:
             t = t.float()
         if t.is_conj():
             t = t.resolve_conj()
+        if t.is_neg():
+            t = t.resolve_neg()
         return t.numpy()
     try:
         arr = np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - any failure is a type problem of the caller
+    except Exception as exc:
         raise TypeError(f"{name}: cannot read {type(x).__name__} as an array ({exc})") from exc
     if arr.dtype == object:
         raise TypeError(f"{name}: cannot read {type(x).__name__} as a numeric array")

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from mars_native import _core
+from mars_native._arrays import to_numpy
 
 __all__ = [
     "channel_spectral_norms",
@@ -33,34 +34,9 @@ __all__ = [
 _HALF_DTYPES = ("float16", "bfloat16")
 
 
-def _is_torch_tensor(x: Any) -> bool:
-    return type(x).__module__.split(".", 1)[0] == "torch" and hasattr(x, "detach")
-
-
-def _torch_to_numpy(t: Any) -> np.ndarray:
-    """A NumPy view of a torch tensor (no copy for CPU tensors of NumPy-compatible dtypes).
-
-    float16/bfloat16 tensors are converted to float32 (a copy); tensors on another device are
-    copied to the CPU.
-    """
-    import torch  # only reached when a tensor was passed, so torch is installed
-
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.to(torch.float32)
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    return t.numpy()
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    if _is_torch_tensor(x):
-        return _torch_to_numpy(x)
-    return np.asarray(x)
+def _as_numpy(x: Any, name: str = "array") -> np.ndarray:
+    """NumPy view of ``x`` (torch CPU tensors without a copy), see :func:`_arrays.to_numpy`."""
+    return to_numpy(x, name=name)
 
 
 def _describe(a: np.ndarray) -> str:
@@ -73,7 +49,7 @@ def _float_weight(x: Any, name: str) -> np.ndarray:
     No copy for float32/float64 input in native byte order (C-contiguity is handled by the
     compiled core, which copies non-contiguous arrays).
     """
-    a = _as_numpy(x)
+    a = _as_numpy(x, name)
     if a.dtype.name in _HALF_DTYPES:
         return a.astype(np.float32)
     if a.dtype.kind != "f":
@@ -91,7 +67,7 @@ def _float_weight(x: Any, name: str) -> np.ndarray:
 def _real_array(x: Any, name: str) -> np.ndarray:
     """float64 array from any real numeric input (float or integer dtypes); no copy when the
     input already is native float64. bool, complex, object and string arrays are a TypeError."""
-    a = _as_numpy(x)
+    a = _as_numpy(x, name)
     if a.dtype.name in _HALF_DTYPES:
         return a.astype(np.float64)
     if a.dtype.kind not in "fiu":

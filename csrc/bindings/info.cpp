@@ -2,6 +2,10 @@
 #include "common.hpp"
 #include "mars/parallel.hpp"
 
+#if defined(MARS_WITH_CUDA)
+#include "cuda/api.hpp"
+#endif
+
 #ifndef MARS_SIMD_FLAGS
 #define MARS_SIMD_FLAGS ""
 #endif
@@ -45,8 +49,10 @@ void register_info(py::module_& m) {
         d["max_threads"] = mars::parallel::hardware_threads();
 #if defined(MARS_WITH_CUDA)
         d["cuda_compiled"] = true;
+        d["cuda_devices"] = mars::cuda::device_count();  // 0 without a driver or device
 #else
         d["cuda_compiled"] = false;
+        d["cuda_devices"] = 0;
 #endif
         return d;
       },

@@ -1,0 +1,219 @@
+"""State-dict level operations of the CUDA backend: BatchNorm scales, backdoor energy (BE) and
+concentrated backdoor energy (CBE) of client models held on a GPU, finiteness checks and the
+aggregation of accepted models, all without copying weights to the host. Re-exported by
+:mod:`mars_native._cuda`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mars_native import _core
+from mars_native._cuda import (
+    _top_k_many,
+    channel_spectral_norms_batched_cuda,
+    weighted_mean_cuda,
+)
+from mars_native._cuda_arrays import (
+    FLOAT_DTYPES,
+    check_kappa,
+    float_input,
+    is_cuda_array,
+    library,
+)
+
+__all__ = [
+    "aggregate_states_cuda",
+    "backdoor_energy_cuda",
+    "bn_scale_cuda",
+    "concentrated_backdoor_energy_batch_cuda",
+    "concentrated_backdoor_energy_cuda",
+    "non_finite_keys",
+]
+
+
+def aggregate_states_cuda(states: Sequence[Mapping[str, Any]], weights: Any = None,
+                          global_state: Mapping[str, Any] | None = None,
+                          server_lr: float = 1.0) -> dict[str, Any]:
+    """The aggregated model of (already accepted) client states held on one GPU, with the rules of
+    :mod:`mars_native.aggregation`: float tensors are the weighted mean in float64 accumulation
+    (``global + server_lr * (mean - global)`` with a global model), rounded once to float32 for
+    float32/16/bf16 tensors and cast back to each tensor's dtype; non-float tensors (e.g.
+    ``num_batches_tracked``) are copied from the global model, or are the element-wise maximum
+    over the clients. Keys, key order and dtypes follow the global model, else ``states[0]``;
+    results stay on the device. ``weights``: as in :func:`weighted_mean_cuda`."""
+    states = list(states)
+    if not states:
+        raise ValueError("states must not be empty")
+    template = global_state if global_state is not None else states[0]
+    out: dict[str, Any] = {}
+    keys = template.keys()
+    for key in keys:
+        ref_t = template[key]
+        lib = library(ref_t, key)
+        name = lib.dtype_name(ref_t)
+        if name in FLOAT_DTYPES:
+            mean = weighted_mean_cuda(
+                [s[key] for s in states], weights,
+                base=None if global_state is None else global_state[key], server_lr=server_lr,
+                out_dtype="float64" if name == "float64" else "float32")
+            out[key] = mean if lib.dtype_name(mean) == name else lib.cast_like(mean, ref_t)
+        elif global_state is not None:
+            out[key] = lib.copy(global_state[key])
+        else:
+            vals = [lib.on_device(s[key], key) for s in states]
+            acc = lib.copy(vals[0])
+            for v in vals[1:]:
+                acc = lib.maximum(acc, v)
+            out[key] = acc
+    return out
+
+
+def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
+    """Keys of the float tensors of a device state that hold NaN or Inf, in key order (the
+    checks run on the device; one synchronisation per call)."""
+    all_keys = state.keys()
+    keys = [k for k in all_keys if is_cuda_array(state[k])]
+    if not keys:
+        return []
+    lib = library(state[keys[0]], keys[0])
+    flags = []
+    checked = []
+    for k in keys:
+        x = lib.on_device(state[k], k)
+        if lib.dtype_name(x) in FLOAT_DTYPES:
+            flags.append(lib.all_finite_lazy(x))
+            checked.append(k)
+    if not flags:
+        return []
+    ok = lib.to_host(lib.stack(flags))
+    return [k for k, good in zip(checked, ok) if not bool(good)]
+
+
+def shape_proxy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A state_dict of zero-stride host views with the same keys and shapes (no device reads), for
+    :func:`mars_native.find_layers`, which only looks at names and shapes."""
+    keys = state.keys()
+    return {k: np.broadcast_to(np.zeros((), np.float32), tuple(int(s) for s in state[k].shape))
+            for k in keys}
+
+
+def bn_scale_cuda(state: Mapping[str, Any], bn_prefix: str, bn_eps: float = 1e-5,
+                  mode: str = "paper") -> Any:
+    """Device twin of :func:`mars_native.energy.bn_scale`: ``|gamma| / sqrt(max(var, 0) + eps)``,
+    float64, same IEEE operations as NumPy (bit-identical)."""
+    prefix = f"{bn_prefix}." if bn_prefix else ""
+    var_key = prefix + "running_var"
+    lib = library(state[var_key], var_key)
+    var = float_input(lib, state[var_key], var_key, allow_int=True, to64=True)
+    if mode == "official":
+        var = lib.where_nan(var, 0.0)
+    var = lib.clamp_min(var, 0.0)
+    gkey = prefix + "weight"
+    gamma = (lib.abs(float_input(lib, state[gkey], gkey, to64=True)) if gkey in state
+             else lib.ones(int(var.shape[0])))
+    return gamma / lib.sqrt(var + bn_eps)
+
+
+def layer_inputs(state: Mapping[str, Any], layers: Sequence[Any], bn_eps: float,
+                 mode: str) -> tuple[list[Any], list[Any]]:
+    """The weights of ``layers`` in ``state`` and their BN scales on the device (None: no BN)."""
+    weights, scales = [], []
+    for layer in layers:
+        weights.append(state[layer.weight_key])
+        scales.append(None if layer.bn_prefix is None else bn_scale_cuda(state, layer.bn_prefix, bn_eps, mode))
+    return weights, scales
+
+
+def find_layers_from_shapes(state: Mapping[str, Any], layers: Sequence[Any] | None,
+                            include_linear: bool, mode: str) -> list[Any]:
+    """``layers`` if given, else :func:`mars_native.find_layers` on the shapes of ``state`` (the
+    scoring rules of ``mode``, as in :mod:`mars_native.energy`)."""
+    if layers is not None:
+        return list(layers)
+    from mars_native.layers import find_layers
+
+    official = mode == "official"
+    return find_layers(shape_proxy(state), include_linear=include_linear and not official,
+                       require_bn=official)
+
+
+def backdoor_energy_cuda(state: Mapping[str, Any], layers: Sequence[Any] | None = None, *,
+                         include_linear: bool = False, bn_eps: float = 1e-5,
+                         mode: str = "paper") -> dict[str, Any]:
+    """BE of every scored layer of a state_dict held on the GPU (one batch of launches):
+    layer name -> float64 ``(out,)`` device array. ``layers``: a :func:`mars_native.find_layers`
+    result (found from the shapes when None; nothing is read back from the device)."""
+    layers = find_layers_from_shapes(state, layers, include_linear, mode)
+    weights, scales = layer_inputs(state, layers, bn_eps, mode)
+    energies = channel_spectral_norms_batched_cuda(weights, scales, check_finite=False)
+    return {layer.name: e for layer, e in zip(layers, energies)}
+
+
+def concentrated_backdoor_energy_cuda(state: Mapping[str, Any], layers: Sequence[Any] | None = None,
+                                      kappa: float = 0.05, mode: str = "paper", *,
+                                      include_linear: bool = False, bn_eps: float = 1e-5) -> Any:
+    """CBE of one model held on the GPU: float64 1-D device array (the top ``kappa`` share of
+    every scored layer's BE, concatenated in layer order; rule "ceil" for ``mode="paper"``,
+    "quantile" for ``mode="official"``). Raises ``ValueError`` when no layer can be scored."""
+    return concentrated_backdoor_energy_batch_cuda([state], layers, kappa, mode,
+                                                   include_linear=include_linear, bn_eps=bn_eps)[0]
+
+
+def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
+                                            layers: Sequence[Any] | None = None,
+                                            kappa: float = 0.05, mode: str = "paper", *,
+                                            include_linear: bool = False,
+                                            bn_eps: float = 1e-5) -> Any:
+    """CBEs of many models on one GPU with one spectral launch batch and one top-k launch for all
+    of them. ``mode="paper"``: a float64 ``(n_models, d)`` device array (rows are the CBEs).
+    ``mode="official"``: a list of 1-D device arrays (lengths can differ; synchronises once).
+    ``layers`` (from the first model's shapes when None) must fit every model."""
+    if mode not in ("paper", "official"):
+        raise ValueError(f"mode must be 'paper' or 'official', got {mode!r}")
+    kappa = check_kappa(kappa)
+    states = list(states)
+    if not states:
+        raise ValueError("states must not be empty")
+    layers = find_layers_from_shapes(states[0], layers, include_linear, mode)
+    if not layers:
+        raise ValueError("no scorable layer: the state_dict has no conv (ndim >= 3) weights")
+    weights, scales = [], []
+    for i, state in enumerate(states):
+        if i > 0:
+            for layer in layers:
+                key = layer.weight_key
+                if key not in state:
+                    raise ValueError(f"states[{i}] has no {key!r} (states[0] has it)")
+                if tuple(state[key].shape) != tuple(states[0][key].shape):
+                    raise ValueError(f"states[{i}][{key!r}] has shape {tuple(state[key].shape)} but "
+                                     f"states[0] has {tuple(states[0][key].shape)}")
+        w, s = layer_inputs(state, layers, bn_eps, mode)
+        weights += w
+        scales += s
+    energies = channel_spectral_norms_batched_cuda(weights, scales, check_finite=False)
+    lib = library(energies[0], "energies")
+    per = len(layers)
+    # Like the CPU: layers with zero output channels contribute nothing.
+    scored = [j for j in range(per) if int(energies[j].shape[0]) > 0]
+    if not scored:
+        raise ValueError("no scorable layer: every scored layer has zero output channels")
+    energies = [energies[i * per + j] for i in range(len(states)) for j in scored]
+    per = len(scored)
+    if mode == "official":
+        parts = _top_k_many(lib, energies, kappa, "quantile")
+        return [lib.cat(parts[i * per:(i + 1) * per]) for i in range(len(states))]
+    counts = [int(_core.top_k_count(kappa, int(e.shape[0]))) for e in energies[:per]]
+    out = lib.empty((len(states), sum(counts)), "float64")
+    views = []
+    for i in range(len(states)):
+        offset = 0
+        for c in counts:
+            views.append(out[i, offset:offset + c])
+            offset += c
+    _core.cuda.top_k_ceil([lib.desc(e) for e in energies], kappa, [lib.desc(v) for v in views],
+                          lib.index, lib.stream())
+    return out

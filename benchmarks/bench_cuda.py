@@ -1,0 +1,260 @@
+"""GPU benchmark: the CBE of many ResNet-18 clients held on one CUDA device.
+
+Compares, on the same GPU and the same client models (float32 state_dicts, one tensor per
+parameter, as a server holds them):
+
+* mars_native's CUDA backend: ``concentrated_backdoor_energy_batch_cuda`` (one batch of launches
+  for all clients: fp64 Gram + Jacobi per channel, then top-k per layer), timed end to end from
+  Python (CUDA events around the call), and the same kernels with the launch descriptors built
+  beforehand (``kernels only``: what a server that keeps its client buffers pays);
+* the memory-read floor: the bytes the CBE must read (every scored conv weight and its BN
+  vectors), divided by the device's read bandwidth measured with ``torch.sum`` over one buffer
+  of that size;
+* PyTorch: ``torch.linalg.matrix_norm(W.reshape(out, in, -1), ord=2)`` batched over the channels
+  of each layer of each client (plus the BN scale and ``torch.topk``), and the same with every
+  layer stacked over the clients first (one ``matrix_norm`` call per layer; the stack's copy is
+  included).
+
+Prints a Markdown table (median of ``--repeat`` runs after warm-up) with the GPU model, the
+command, and the ratios the issue asks for (mars vs floor: target <= 2x; torch vs mars: target
+>= 5x). Without a CUDA device (or without the CUDA backend, or without torch CUDA) it prints why
+and exits 0; nothing is estimated.
+
+Usage: python benchmarks/bench_cuda.py [--clients 100] [--repeat 10] [--kappa 0.05] [--json out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+
+def resnet18_shapes(width: int = 64, classes: int = 10) -> list[tuple[str, tuple[int, ...]]]:
+    """Keys and shapes of a CIFAR-style ResNet-18 state_dict (3x3 stem, BasicBlocks, 11.2M
+    parameters), in module order."""
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def conv_bn(conv: str, bn: str, cout: int, cin: int, k: int) -> None:
+        shapes.append((f"{conv}.weight", (cout, cin, k, k)))
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            shapes.append((f"{bn}.{leaf}", (cout,)))
+        shapes.append((f"{bn}.num_batches_tracked", ()))
+
+    conv_bn("conv1", "bn1", width, 3, 3)
+    cin = width
+    for i, (cout, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)], 1):
+        for b in range(2):
+            p = f"layer{i}.{b}"
+            conv_bn(f"{p}.conv1", f"{p}.bn1", cout, cin if b == 0 else cout, 3)
+            conv_bn(f"{p}.conv2", f"{p}.bn2", cout, cout, 3)
+            if b == 0 and (stride != 1 or cin != cout):
+                conv_bn(f"{p}.shortcut.0", f"{p}.shortcut.1", cout, cin, 1)
+        cin = cout
+    shapes += [("linear.weight", (classes, cin)), ("linear.bias", (classes,))]
+    return shapes
+
+
+def make_states(torch, n: int, device, seed: int = 0) -> list[dict]:
+    """n client state_dicts on `device`: a random global model plus per-client noise, with
+    non-trivial BatchNorm statistics."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = resnet18_shapes()
+    base = {}
+    for key, shape in shapes:
+        if key.endswith("num_batches_tracked"):
+            base[key] = torch.zeros(shape, dtype=torch.int64, device=device)
+        elif key.endswith(".weight") and len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            base[key] = torch.randn(shape, generator=g, device=device) / math.sqrt(fan_in)
+        elif key.endswith("running_var"):
+            base[key] = 1.0 + 0.2 * torch.rand(shape, generator=g, device=device)
+        elif key.endswith(".weight"):
+            base[key] = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
+        else:
+            base[key] = 0.1 * torch.randn(shape, generator=g, device=device)
+    states = []
+    for _ in range(n):
+        states.append({k: (v + 0.01 * v.std() * torch.randn(v.shape, generator=g, device=device)
+                           if v.is_floating_point() and v.ndim >= 1 else v.clone())
+                       for k, v in base.items()})
+    return states
+
+
+def cuda_time(torch, fn, repeat: int, warmup: int = 2) -> tuple[float, object]:
+    """Median milliseconds of fn() measured with CUDA events; returns (ms, last result)."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), result
+
+
+def read_floor_ms(torch, n_bytes: int, device, repeat: int) -> float:
+    """Milliseconds to read n_bytes once at the device's rate: torch.sum over one float32 buffer
+    of that size (a pure streaming read)."""
+    buf = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).normal_()
+    ms, _ = cuda_time(torch, buf.sum, repeat)
+    return ms
+
+
+def torch_cbe(torch, states, layers, kappa: float, eps: float = 1e-5):
+    """The CBE with PyTorch ops, per client and layer (matrix_norm batched over channels)."""
+    from mars_native._native import top_k_count
+
+    rows = []
+    for s in states:
+        parts = []
+        for layer in layers:
+            w = s[layer.weight_key]
+            sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], w.shape[1], -1), ord=2)
+            if layer.bn_prefix is not None:
+                var = s[f"{layer.bn_prefix}.running_var"].clamp(min=0)
+                sigma = sigma * (s[f"{layer.bn_prefix}.weight"].abs() / torch.sqrt(var + eps))
+            parts.append(torch.topk(sigma, top_k_count(int(w.shape[0]), kappa)).values)
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def torch_cbe_stacked(torch, states, layers, kappa: float, eps: float = 1e-5):
+    """The CBE with PyTorch ops, every layer stacked over the clients (one matrix_norm per layer)."""
+    from mars_native._native import top_k_count
+
+    parts = []
+    for layer in layers:
+        w = torch.stack([s[layer.weight_key] for s in states])  # (clients, out, in, kh, kw)
+        sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], w.shape[1], w.shape[2], -1), ord=2)
+        if layer.bn_prefix is not None:
+            var = torch.stack([s[f"{layer.bn_prefix}.running_var"] for s in states]).clamp(min=0)
+            gamma = torch.stack([s[f"{layer.bn_prefix}.weight"] for s in states]).abs()
+            sigma = sigma * (gamma / torch.sqrt(var + eps))
+        parts.append(torch.topk(sigma, top_k_count(int(w.shape[1]), kappa), dim=1).values)
+    return torch.cat(parts, dim=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--kappa", type=float, default=0.05)
+    ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--skip-torch", action="store_true", help="skip the (slow) PyTorch baselines")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    from mars_native import _core, _cuda, _cuda_arrays, _cuda_states
+
+    info = _cuda.cuda_info()
+    if not info["compiled"]:
+        print("no CUDA device: the CUDA backend is not compiled into mars_native (build with nvcc "
+              "and MARS_NATIVE_CUDA=ON); nothing measured")
+        return 0
+    if info["devices"] == 0:
+        print(f"no CUDA device: {info['reason']}; nothing measured")
+        return 0
+    try:
+        import torch
+    except ImportError:
+        print("no CUDA device usable: torch is not installed; nothing measured")
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device usable from torch (CPU-only torch build); nothing measured")
+        return 0
+
+    dev = torch.device("cuda", args.device)
+    torch.cuda.set_device(dev)
+    gpu = torch.cuda.get_device_name(dev)
+    states = make_states(torch, args.clients, dev)
+    layers = _cuda_states.find_layers_from_shapes(states[0], None, False, "paper")
+    n_bytes = sum(
+        s[layer.weight_key].numel() * s[layer.weight_key].element_size()
+        + (2 * s[f"{layer.bn_prefix}.weight"].numel() * 4 if layer.bn_prefix else 0)
+        for s in states for layer in layers
+    )
+
+    sum_ms = read_floor_ms(torch, n_bytes, dev, args.repeat)
+    bandwidth = n_bytes / (sum_ms / 1e3)
+
+    mars_ms, cbe = cuda_time(
+        torch, lambda: _cuda.concentrated_backdoor_energy_batch_cuda(states, layers, args.kappa),
+        args.repeat)
+
+    # Kernels only: descriptors and outputs prepared once (what is left is the GPU work plus the
+    # C++ launch path).
+    weights = [s[layer.weight_key] for s in states for layer in layers]
+    scales = [_cuda.bn_scale_cuda(s, layer.bn_prefix) for s in states for layer in layers]
+    lib = _cuda_arrays.TorchArrays(dev)
+    energies = [torch.empty(int(w.shape[0]), dtype=torch.float64, device=dev) for w in weights]
+    counts = [int(_core.top_k_count(args.kappa, int(w.shape[0]))) for w in weights[: len(layers)]]
+    out = torch.empty((len(states), sum(counts)), dtype=torch.float64, device=dev)
+    views = [out[i, o:o + c] for i in range(len(states))
+             for o, c in zip([sum(counts[:j]) for j in range(len(counts))], counts)]
+    wd = [lib.desc(w) for w in weights]
+    sd = [lib.desc(s) for s in scales]
+    ed = [lib.desc(e) for e in energies]
+    vd = [lib.desc(v) for v in views]
+    stream = lib.stream()
+
+    def kernels_only():
+        _core.cuda.channel_spectral_norms(wd, sd, ed, dev.index, stream)
+        _core.cuda.top_k_ceil(ed, args.kappa, vd, dev.index, stream)
+
+    kern_ms, _ = cuda_time(torch, kernels_only, args.repeat)
+    same = torch.equal(out, cbe)
+
+    rows = [("memory-read floor (torch.sum over the same bytes)", sum_ms),
+            ("mars_native CUDA: CBE batch, end to end from Python", mars_ms),
+            ("mars_native CUDA: kernels only (descriptors prepared)", kern_ms)]
+    torch_ms = stacked_ms = None
+    max_rel = None
+    if not args.skip_torch:
+        torch_ms, ref = cuda_time(torch, lambda: torch_cbe(torch, states, layers, args.kappa),
+                                  max(1, args.repeat // 2), warmup=1)
+        stacked_ms, _ = cuda_time(torch, lambda: torch_cbe_stacked(torch, states, layers, args.kappa),
+                                  max(1, args.repeat // 2), warmup=1)
+        rows += [("torch.linalg.matrix_norm per client and layer (+BN scale, topk)", torch_ms),
+                 ("torch.linalg.matrix_norm per layer, clients stacked (stack included)", stacked_ms)]
+        max_rel = float(((ref.double() - cbe).abs() / cbe.abs()).max())
+
+    cmd = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    print(f"## CBE of {args.clients} ResNet-18 clients on {gpu}\n")
+    print(f"command: `{cmd}`  ")
+    print(f"bytes read by the CBE: {n_bytes / 2**30:.3f} GiB ({len(layers)} scored layers per client), "
+          f"measured read bandwidth {bandwidth / 1e9:.0f} GB/s, median of {args.repeat} runs  ")
+    print(f"mars_native {_core.build_info()['version']}, CUDA runtime {info['runtime_version']}, "
+          f"torch {torch.__version__}  \n")
+    print("| method | time (ms) | vs floor | mars speedup |")
+    print("|---|---:|---:|---:|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.3f} | {ms / sum_ms:.2f}x | {ms / mars_ms:.2f}x |")
+    print()
+    print(f"mars end-to-end / floor = {mars_ms / sum_ms:.2f}x (target <= 2x); "
+          f"kernels only / floor = {kern_ms / sum_ms:.2f}x")
+    if torch_ms is not None:
+        print(f"torch per-layer / mars = {torch_ms / mars_ms:.1f}x, torch stacked / mars = "
+              f"{stacked_ms / mars_ms:.1f}x (target >= 5x); max relative difference of the CBEs "
+              f"(torch fp32 SVD vs mars fp64 Gram) = {max_rel:.2e}")
+    print(f"kernels-only result equals the end-to-end result bit for bit: {same}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": gpu, "clients": args.clients, "bytes": n_bytes, "repeat": args.repeat,
+                       "floor_ms": sum_ms, "mars_ms": mars_ms, "mars_kernels_ms": kern_ms,
+                       "torch_ms": torch_ms, "torch_stacked_ms": stacked_ms,
+                       "max_rel_diff_vs_torch": max_rel, "command": cmd,
+                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -51,7 +51,7 @@ spec.loader.exec_module(core)
 info = core.build_info()
 assert info["cuda_compiled"] is True, info
 assert isinstance(info["cuda_devices"], int) and info["cuda_devices"] >= 0, info
-cuda = core.cuda_info()
+cuda = core.cuda.info()
 print(f"cuda_compile_check: _core imports; cuda_compiled=True, devices={info['cuda_devices']}, "
       f"architectures={cuda['architectures']}, reason={cuda['reason']!r}")
 EOF

@@ -40,10 +40,10 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "MARS",
     "Detection",
     "KWMeans",
     "Layer",
-    "MARS",
     "__version__",
     "backdoor_energy",
     "build_info",

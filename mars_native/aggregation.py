@@ -306,7 +306,7 @@ def aggregate_detected(
     if not contributing:
         return _nothing_to_aggregate(report, global_state, w[report.accepted]), report
 
-    first_valid = int(np.flatnonzero(report.labels >= 0)[0])  # the template of detect()
+    first_valid = int(np.flatnonzero(report.labels >= 0)[0])  # matches detect()'s template
     model = global_state if global_state is not None else states[first_valid]
     out = _state_factory(model)()
     cw = w[contributing]

@@ -25,7 +25,7 @@ from mars_native._native import wasserstein_1d
 from mars_native.cluster import KWMeans
 from mars_native.energy import concentrated_backdoor_energy
 from mars_native.layers import Layer, find_layers
-from mars_native.validation import Template, check_state, state_template
+from mars_native.validation import Template, check_state, majority_template, state_template
 
 Selection = Literal["norm", "majority"]
 Mode = Literal["paper", "official"]
@@ -278,7 +278,9 @@ class MARS:
         Args:
             states: the clients' state_dicts (NumPy arrays or torch tensors), any iterable.
             global_state: the server's model; when given, every client must match its keys,
-                shapes and dtypes, and its key order drives the conv -> BN pairing.
+                shapes and dtypes, and its key order drives the conv -> BN pairing. Without it,
+                clients must match the layout most of them share (ties: the earliest), so one
+                malformed client cannot become the template.
 
         Returns:
             a :class:`Detection` (accepted mask in input order, reasons, labels, CBEs, centers).
@@ -292,13 +294,11 @@ class MARS:
         states = list(states)
         if not states:
             raise ValueError("detect() needs at least one client state_dict; got an empty list")
-        template = state_template(global_state) if global_state is not None else None
+        template = state_template(global_state) if global_state is not None else majority_template(states)
         cbes: list[np.ndarray | None] = []
         reasons: list[str | None] = []
         for state in states:
             cbe, reason = self.client_cbe(state, template, global_state)
-            if reason is None and template is None:
-                template = state_template(state)
             cbes.append(cbe)
             reasons.append(reason)
         report = self.decide(cbes, reasons)
@@ -328,7 +328,7 @@ class MARS:
         labels = np.full(n, -1, dtype=np.int64)
         width = max((cbes[i].size for i in valid), default=0)  # type: ignore[union-attr]
         cbe_matrix = _pad([c if c is not None else np.empty(0) for c in cbes], width)
-        base = dict(layers=[], params=self.params())
+        base = {"layers": [], "params": self.params()}
         if not valid:
             return Detection(accepted, reasons, labels, cbe_matrix, np.empty((0, width)), math.nan,
                              None, False, note="no valid client in the round", **base,

@@ -1,5 +1,5 @@
-"""Checks of one client's state_dict against a template (the global model or the first valid
-client). Every problem becomes a machine-readable reason ``"<code>: <detail>"``; nothing raises.
+"""Checks of one client's state_dict against a template (the global model, or the layout most
+clients share, or for a streaming round the first valid client). Every problem becomes a machine-readable reason ``"<code>: <detail>"``; nothing raises.
 
 Codes: ``invalid_type``, ``missing_keys``, ``extra_keys``, ``shape_mismatch``, ``dtype_mismatch``,
 ``non_finite``.
@@ -27,10 +27,33 @@ def state_template(state: Any) -> Template:
     if not is_mapping(state):
         raise TypeError(f"expected a state_dict (mapping of name -> tensor), got {type(state).__name__}")
     out: Template = {}
-    for key in state.keys():
+    for key in state.keys():  # noqa: SIM118 - duck-typed mappings (keys + __getitem__)
         arr = to_numpy(state[key], name=str(key))
         out[str(key)] = (tuple(int(s) for s in arr.shape), arr.dtype)
     return out
+
+
+def majority_template(states: Any) -> Template | None:
+    """The layout (keys, shapes, dtypes) that the most states share; ties go to the earliest.
+
+    Used as the template when no global model is known, so that one malformed client cannot
+    become the layout every other client is compared with. States that are not mappings of
+    arrays are skipped; None when there is none.
+    """
+    counts: dict[frozenset, int] = {}
+    first: dict[frozenset, Template] = {}
+    for state in states:
+        try:
+            tmpl = state_template(state)
+        except TypeError:
+            continue
+        key = frozenset((k, shape, dtype.str) for k, (shape, dtype) in tmpl.items())
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, tmpl)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(first[k] for k, c in counts.items() if c == best)
 
 
 def all_finite(arr: np.ndarray) -> bool:
@@ -54,7 +77,7 @@ def check_state(state: Any, template: Template | None = None) -> str | None:
     if not is_mapping(state):
         return f"invalid_type: expected a state_dict mapping, got {type(state).__name__}"
     arrays: dict[str, np.ndarray] = {}
-    for key in state.keys():
+    for key in state.keys():  # noqa: SIM118 - duck-typed mappings (keys + __getitem__)
         try:
             arrays[str(key)] = to_numpy(state[key], name=str(key))
         except TypeError as exc:

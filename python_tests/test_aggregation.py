@@ -334,12 +334,18 @@ def test_bad_clients_are_rejected_and_never_reach_the_aggregate(base, case):
     assert_state_close(new_s, expected)
 
 
-def test_first_valid_client_is_the_template_without_a_global_model(base):
+def test_majority_layout_is_the_template_without_a_global_model(base):
     clients, _ = make_clients(base, 4, 0, seed=9)
-    odd = corrupt(clients[0], "extra", 0, 0)  # valid on its own: it becomes the template
+    odd = corrupt(clients[0], "extra", 0, 0)  # valid on its own, but the only one with its layout
     new, report = MARS().aggregate([odd, *clients[1:]])
-    assert report.reason_codes == [None, "missing_keys", "missing_keys", "missing_keys"]
-    assert list(new) == list(odd)
+    assert report.reason_codes == ["extra_keys", None, None, None]
+    assert list(new) == list(clients[1])
+    # the streaming round cannot see the majority in advance: its first valid client is the template
+    rnd = MARS().round()
+    for s in [odd, *clients[1:]]:
+        rnd.add(s)
+    _, streamed = rnd.finish()
+    assert streamed.reason_codes == [None, "missing_keys", "missing_keys", "missing_keys"]
 
 
 def test_model_without_scorable_layer_is_rejected():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from _torch_models import ResNet18, SmallCNN, randomize_bn
+from torch import nn
 
-import mars_native as mn  # noqa: E402
-from _torch_models import ResNet18, SmallCNN, randomize_bn  # noqa: E402
+import mars_native as mn
 
 
 def _clients(base: nn.Module, n_benign: int, n_attack: int, seed: int, noise: float = 3e-3,

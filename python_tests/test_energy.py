@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from _torch_models import ResNet18, SmallCNN, randomize_bn
+from torch import nn
 
-from _torch_models import ResNet18, SmallCNN, randomize_bn  # noqa: E402
-from mars_native import reference as ref  # noqa: E402
-from mars_native.energy import backdoor_energy, bn_scale, concentrated_backdoor_energy  # noqa: E402
+from mars_native import reference as ref
+from mars_native.energy import backdoor_energy, bn_scale, concentrated_backdoor_energy
 
 
 def _state(model: nn.Module) -> dict[str, np.ndarray]:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from _torch_models import ResNet18, SmallCNN
+from torch import nn
 
-from _torch_models import ResNet18, SmallCNN  # noqa: E402
-from mars_native.layers import Layer, find_layers  # noqa: E402
+from mars_native.layers import Layer, find_layers
 
 
-def _numpy_state(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+def _numpy_state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, v.detach().numpy()) for k, v in model.state_dict().items())
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from mars_native.validation import check_state, majority_template, state_template
+
 #: Flower's logger; the strategies log through it so their lines appear with Flower's own.
 LOGGER = logging.getLogger("flwr")
 
@@ -174,58 +176,6 @@ def check_weight(value: Any, key: str) -> tuple[float | None, str | None]:
     return w, None
 
 
-def check_layout(
-    state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
-) -> str | None:
-    """Compare a client state with the reference keys, shapes, dtypes; ``None`` when it fits."""
-    missing = [k for k in reference if k not in state]
-    if missing:
-        return f"missing_keys: {len(missing)} array(s) absent, e.g. {missing[:3]}"
-    extra = [k for k in state if k not in reference]
-    if extra:
-        return f"extra_keys: {len(extra)} unexpected array(s), e.g. {extra[:3]}"
-    for k, ref in reference.items():
-        if tuple(state[k].shape) != tuple(ref.shape):
-            return (
-                f"shape_mismatch: '{k}' has shape {tuple(state[k].shape)}, "
-                f"the reference model has {tuple(ref.shape)}"
-            )
-        if state[k].dtype != ref.dtype:
-            return f"dtype_mismatch: '{k}' is {state[k].dtype}, the reference model is {ref.dtype}"
-    return None
-
-
-def _layout(state: Mapping[str, np.ndarray]) -> tuple:
-    return tuple((k, tuple(a.shape), a.dtype.str) for k, a in state.items())
-
-
-def majority_layout(states: Sequence[Mapping[str, np.ndarray]]) -> Mapping[str, np.ndarray] | None:
-    """The state whose (keys, shapes, dtypes) the most states share; ties go to the earliest.
-
-    Used as the layout replies must match when the global model is not known, so that one
-    malformed reply cannot become the template that every other reply is compared with.
-    """
-    counts: dict[tuple, int] = {}
-    first: dict[tuple, Mapping[str, np.ndarray]] = {}
-    for st in states:
-        key = _layout(st)
-        counts[key] = counts.get(key, 0) + 1
-        first.setdefault(key, st)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(first[k] for k in counts if counts[k] == best)
-
-
-def check_finite(state: Mapping[str, np.ndarray]) -> str | None:
-    """First non-finite float array of a state, as a reason; ``None`` when all are finite."""
-    for k, a in state.items():
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-            return f"non_finite: '{k}' holds {bad} NaN/inf value(s)"
-    return None
-
-
 def _restore_dtypes(
     new_state: Mapping[str, np.ndarray], template: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
@@ -254,7 +204,7 @@ def run_round(
 
     ``defense`` is a :class:`mars_native.MARS`. ``global_state`` (the model the clients started
     from), when known, is the layout every reply must match (keys, shapes); otherwise the layout
-    most replies share is (:func:`majority_layout`). With ``use_global`` the
+    most replies share is (:func:`mars_native.validation.majority_template`). With ``use_global`` the
     aggregate is ``global + server_lr * weighted_mean(accepted - global)``, otherwise the weighted
     mean of the accepted models. Replies that cannot be scored are rejected with a reason and never
     reach the aggregate; if MARS itself refuses the round (``ValueError``/``TypeError``, e.g. too few
@@ -265,15 +215,13 @@ def run_round(
     candidates: list[ClientUpdate] = []
     rejected: list[ClientUpdate] = []
     updates = sorted(updates, key=lambda u: (u.sort_key, str(u.node_id)))
-    layout = global_state
-    if layout is None:
-        layout = majority_layout([u.state for u in updates if u.reason is None and u.state])
+    if global_state is not None:
+        template = state_template(global_state)
+    else:
+        template = majority_template([u.state for u in updates if u.reason is None and u.state])
     for u in updates:
         if u.reason is None and u.state is not None:
-            reason = check_layout(u.state, layout) if layout is not None else None
-            reason = reason or check_finite(u.state)
-            if reason is not None:
-                u.reason = reason
+            u.reason = check_state(u.state, template)
         if u.reason is None and u.state is None:
             u.reason = "invalid_type: the reply carries no model"
         (rejected if u.reason is not None else candidates).append(u)

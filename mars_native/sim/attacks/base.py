@@ -19,8 +19,9 @@ An attack controls the uploads of the attacker clients of a round. The federated
 from __future__ import annotations
 
 from abc import ABC
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -51,11 +52,11 @@ class RoundContext:
     all_attacker_ids: list[int]  # every attacker of the population
     num_clients: int
     config: Any  # mars_native.sim.config.SimConfig
-    make_model: Callable[[], "torch.nn.Module"]  # a fresh model of the architecture
-    client_data: Callable[[int], tuple["torch.Tensor", "torch.Tensor"]]  # (x, y) of a client
-    train_benign: Callable[[StateDict, "torch.Tensor", "torch.Tensor"], StateDict]
-    generator: "torch.Generator"  # seeded torch RNG for this round
-    rng: "np.random.Generator"  # seeded numpy RNG for this round
+    make_model: Callable[[], torch.nn.Module]  # a fresh model of the architecture
+    client_data: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # (x, y) of a client
+    train_benign: Callable[[StateDict, torch.Tensor, torch.Tensor], StateDict]
+    generator: torch.Generator  # seeded torch RNG for this round
+    rng: np.random.Generator  # seeded numpy RNG for this round
     extras: dict = field(default_factory=dict)
 
 
@@ -84,6 +85,6 @@ class Attack(ABC):
     def end_round(self, ctx: RoundContext, new_global_state: StateDict) -> None:
         """Called after the server aggregated the round."""
 
-    def stamp_test(self, x: "torch.Tensor") -> "torch.Tensor":
+    def stamp_test(self, x: torch.Tensor) -> torch.Tensor:
         """Stamp the trigger on a batch of (normalised) test images; default: unchanged."""
         return x

@@ -15,8 +15,9 @@ Integer buffers (``num_batches_tracked``) are never averaged: the loop keeps the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -35,12 +36,12 @@ class RoundInput:
     num_examples: list[int]
     round_idx: int
     num_clients_total: int
-    make_model: Callable[[], "torch.nn.Module"]
+    make_model: Callable[[], torch.nn.Module]
     input_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8)
     num_classes: int
     final_layer: str  # prefix of the final linear layer, e.g. "fc2"
-    rng: "np.random.Generator"
-    generator: "torch.Generator"
+    rng: np.random.Generator
+    generator: torch.Generator
 
 
 @dataclass
@@ -58,7 +59,7 @@ class DefenseOutput:
 
     update_sum: StateDict
     weight_total: float
-    flagged: "np.ndarray | None"
+    flagged: np.ndarray | None
     reset_state: StateDict | None = None
     info: dict = field(default_factory=dict)
     detect_seconds: float = 0.0

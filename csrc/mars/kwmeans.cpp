@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <utility>
 #include <limits>
 
 #include "mars/parallel.hpp"
@@ -25,7 +27,32 @@ struct Space {
   std::int64_t dim;
   Cost cost;
   bool median;  // barycenter: coordinate-wise median (W_1) or mean
+  // Optional, for medians: column j of the points sorted ascending (col_values[j * n + t]) and
+  // the row each value comes from (col_rows[j * n + t]); built once per fit, shared by restarts.
+  const double* col_values = nullptr;
+  const std::int32_t* col_rows = nullptr;
 };
+
+// The sorted columns of a Space (see Space::col_values), columns in parallel.
+void sort_columns(const Space& s, std::vector<double>& values, std::vector<std::int32_t>& rows,
+                  int n_threads) {
+  const std::int64_t n = s.n, dim = s.dim;
+  values.resize(static_cast<std::size_t>(n * dim));
+  rows.resize(static_cast<std::size_t>(n * dim));
+  parallel::parallel_for(dim, n_threads, 1, [&](std::int64_t begin, std::int64_t end) {
+    std::vector<std::pair<double, std::int32_t>> col(static_cast<std::size_t>(n));
+    for (std::int64_t j = begin; j < end; ++j) {
+      for (std::int64_t i = 0; i < n; ++i) {
+        col[i] = {s.points[i * dim + j], static_cast<std::int32_t>(i)};
+      }
+      std::sort(col.begin(), col.end());
+      for (std::int64_t t = 0; t < n; ++t) {
+        values[j * n + t] = col[t].first;
+        rows[j * n + t] = col[t].second;
+      }
+    }
+  });
+}
 
 MARS_NO_CONTRACT_ATTR double cost(const Space& s, const double* a, const double* b) {
   MARS_NO_CONTRACT_BODY
@@ -39,6 +66,39 @@ MARS_NO_CONTRACT_ATTR double cost(const Space& s, const double* a, const double*
     sum += diff * diff;
   }
   return s.cost == Cost::MeanSquare ? sum / static_cast<double>(s.dim) : sum;
+}
+
+// out[t] = nan_to_inf-free cost(s, row begin + t, center) for t < end - begin: the same serial sum
+// per row as cost(), for eight rows at a time (eight independent dependency chains instead of one,
+// so the adds overlap). Bit-identical to calling cost() row by row.
+MARS_NO_CONTRACT_ATTR void costs_to(const Space& s, const double* center, std::int64_t begin,
+                                    std::int64_t end, double* out) {
+  MARS_NO_CONTRACT_BODY
+  constexpr int kRows = 8;
+  const std::int64_t dim = s.dim;
+  std::int64_t i = begin;
+  for (; i + kRows <= end; i += kRows) {
+    const double* x = s.points + i * dim;
+    double sum[kRows] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (s.cost == Cost::MeanAbs) {
+      for (std::int64_t j = 0; j < dim; ++j) {
+        const double c = center[j];
+        for (int r = 0; r < kRows; ++r) sum[r] += std::fabs(x[r * dim + j] - c);
+      }
+    } else {
+      for (std::int64_t j = 0; j < dim; ++j) {
+        const double c = center[j];
+        for (int r = 0; r < kRows; ++r) {
+          const double diff = x[r * dim + j] - c;
+          sum[r] += diff * diff;
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      out[i - begin + r] = s.cost == Cost::SumSquare ? sum[r] : sum[r] / static_cast<double>(dim);
+    }
+  }
+  for (; i < end; ++i) out[i - begin] = cost(s, s.points + i * dim, center);
 }
 
 // k-means++ weight of a cost: the squared distance (W_1 cost is a distance, the others already
@@ -81,9 +141,8 @@ void kmeans_plus_plus(const Space& s, int k, rng::SplitMix64& gen, double* cente
   };
   std::int64_t first = static_cast<std::int64_t>(gen.uniform() * static_cast<double>(n));
   take(0, std::min(first, n - 1));
-  for (std::int64_t i = 0; i < n; ++i) {
-    weight[i] = nan_to_inf(seed_weight(s, cost(s, s.points + i * dim, centers)));
-  }
+  costs_to(s, centers, 0, n, weight.data());
+  for (std::int64_t i = 0; i < n; ++i) weight[i] = nan_to_inf(seed_weight(s, weight[i]));
   for (int c = 1; c < k; ++c) {
     double total = 0.0;
     std::vector<double> cumulative(static_cast<std::size_t>(n));
@@ -104,9 +163,10 @@ void kmeans_plus_plus(const Space& s, int k, rng::SplitMix64& gen, double* cente
     }
     take(c, idx);
     if (c + 1 < k) {
+      std::vector<double> cost_c(static_cast<std::size_t>(n));
+      costs_to(s, centers + c * dim, 0, n, cost_c.data());
       for (std::int64_t i = 0; i < n; ++i) {
-        const double w = nan_to_inf(seed_weight(s, cost(s, s.points + i * dim, centers + c * dim)));
-        weight[i] = std::min(weight[i], w);
+        weight[i] = std::min(weight[i], nan_to_inf(seed_weight(s, cost_c[i])));
       }
     }
   }
@@ -117,19 +177,23 @@ void assign(const Space& s, int k, const double* centers, std::int64_t* labels, 
             int n_threads) {
   const std::int64_t grain = std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(k * s.dim, 1));
   parallel::parallel_for(s.n, n_threads, grain, [&](std::int64_t begin, std::int64_t end) {
+    // Center by center over the whole range (costs_to interleaves rows); the same comparisons,
+    // in the same order, as a per-row loop over the centers.
+    costs_to(s, centers, begin, end, costs + begin);
     for (std::int64_t i = begin; i < end; ++i) {
-      const double* x = s.points + i * s.dim;
-      double best = nan_to_inf(cost(s, x, centers));
-      std::int64_t label = 0;
-      for (int c = 1; c < k; ++c) {
-        const double v = nan_to_inf(cost(s, x, centers + c * s.dim));
-        if (v < best) {
-          best = v;
-          label = c;
+      costs[i] = nan_to_inf(costs[i]);
+      labels[i] = 0;
+    }
+    std::vector<double> v(static_cast<std::size_t>(k > 1 ? end - begin : 0));
+    for (int c = 1; c < k; ++c) {
+      costs_to(s, centers + c * s.dim, begin, end, v.data());
+      for (std::int64_t i = begin; i < end; ++i) {
+        const double vc = nan_to_inf(v[i - begin]);
+        if (vc < costs[i]) {
+          costs[i] = vc;
+          labels[i] = c;
         }
       }
-      labels[i] = label;
-      costs[i] = best;
     }
   });
 }
@@ -172,6 +236,37 @@ void barycenters(const Space& s, int k, const std::int64_t* labels, double* cent
     }
     for (int c = 0; c < k; ++c) {
       for (std::int64_t j = 0; j < dim; ++j) centers[c * dim + j] /= static_cast<double>(count[c]);
+    }
+    return;
+  }
+  if (s.col_values != nullptr) {
+    // Median from the presorted columns: walk column j in ascending order, counting each
+    // cluster's members, and pick every cluster's middle element(s) on the way (one pass for
+    // all clusters). The same values as the selection below (a rank depends on values only).
+    std::vector<std::int64_t> lo_rank(static_cast<std::size_t>(k)), hi_rank(lo_rank.size());
+    std::vector<std::int64_t> seen(lo_rank.size());
+    std::vector<double> lo(lo_rank.size()), hi(lo_rank.size());
+    for (int c = 0; c < k; ++c) {
+      lo_rank[c] = (count[c] - 1) / 2;
+      hi_rank[c] = count[c] / 2;
+    }
+    for (std::int64_t j = 0; j < dim; ++j) {
+      const double* values = s.col_values + j * s.n;
+      const std::int32_t* rows = s.col_rows + j * s.n;
+      std::fill(seen.begin(), seen.end(), 0);
+      int remaining = k;
+      for (std::int64_t t = 0; t < s.n && remaining > 0; ++t) {
+        const std::int64_t c = labels[rows[t]];
+        const std::int64_t r = seen[c]++;
+        if (r == lo_rank[c]) lo[c] = values[t];
+        if (r == hi_rank[c]) {
+          hi[c] = values[t];
+          --remaining;
+        }
+      }
+      for (int c = 0; c < k; ++c) {
+        centers[c * dim + j] = count[c] % 2 == 1 ? hi[c] : (lo[c] + hi[c]) / 2.0;
+      }
     }
     return;
   }
@@ -236,6 +331,13 @@ Result fit(const double* x, std::int64_t n, std::int64_t d, const Params& params
   wasserstein::sort_rows(x, n, d, sorted.data(), threads);
   Space space{sorted.data(), n, d, params.p == 1.0 ? Cost::MeanAbs : Cost::MeanSquare,
               params.p == 1.0};
+  std::vector<double> col_values;
+  std::vector<std::int32_t> col_rows;
+  if (params.mode == Mode::Paper && space.median && n > 1 && n <= INT32_MAX) {
+    sort_columns(space, col_values, col_rows, threads);
+    space.col_values = col_values.data();
+    space.col_rows = col_rows.data();
+  }
   if (params.mode == Mode::Official) {
     result.distances.resize(static_cast<std::size_t>(n * n));
     wasserstein::pairwise_wasserstein_sorted(sorted.data(), n, d, params.p, result.distances.data(),

@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         total = len(values) * n_pairs * config.rounds
         with RichProgress(total, console=console, disable=args.no_progress) as prog:
             points = run_sweep(config, args.sweep, values=values, out_dir=out, progress=prog,
-                               plots=not args.no_plots)
+                               plots=not args.no_plots, jobs=config.jobs)
         from .report import results_table
 
         for v in values:
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         total = n_pairs * config.rounds
         with RichProgress(total, console=console, disable=args.no_progress) as prog:
             results = run_experiments(config, out_dir=out, progress=prog,
-                                      plots=not args.no_plots)
+                                      plots=not args.no_plots, jobs=config.jobs)
         print_table(results, console=console, config=config)
     console.print(f"done in {time.perf_counter() - t0:.1f} s; results in {out}/")
     return 0

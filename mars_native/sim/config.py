@@ -145,8 +145,8 @@ class SimConfig:
     device: str = "cpu"
     threads: int = 1  # torch threads per run (0 = min(cpu count, 4)); the thread count can
     #                   change the last bits of a result, so it is part of the experiment
-    jobs: int = 0  # runs executed in parallel processes by the CLI/run_experiments; 0 = one per
-    #                core (results do not depend on it)
+    jobs: int = 0  # runs in parallel worker processes; 0 = one per core in the CLI (the Python
+    #                API runs sequentially unless asked); results do not depend on it
     deterministic: bool = True  # torch.use_deterministic_algorithms on non-CPU devices
 
     # ---------------------------------------------------------------------------------------

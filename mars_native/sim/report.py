@@ -108,8 +108,10 @@ def _run_parallel(runs, jobs, cache, progress, data) -> list[RunResult]:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        queue = manager.Queue() if progress is not None else None
+    with contextlib.ExitStack() as stack:
+        queue = None
+        if progress is not None:
+            queue = stack.enter_context(ctx.Manager()).Queue()
         with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=ctx) as pool:
             datasets = {}
             for cfg, _, _ in runs:  # one dataset per distinct (dataset, test_size)
@@ -140,6 +142,14 @@ def _drain(queue, progress) -> None:
         progress(event)
 
 
+def resolve_jobs(config: SimConfig, jobs: int | None, n_runs: int) -> int:
+    """Python-API rule: explicit ``jobs`` (0 = one per core), else ``config.jobs`` when > 0,
+    else sequential."""
+    if jobs is None:
+        return config.resolved_jobs(n_runs) if config.jobs > 0 else 1
+    return config.replace(jobs=max(0, jobs)).resolved_jobs(n_runs)
+
+
 def run_experiments(
     config: SimConfig,
     *,
@@ -155,14 +165,17 @@ def run_experiments(
 ) -> list[RunResult]:
     """Run ``attacks x defenses`` (default: the config's lists), attack-major, and write the
     results (and plots) to ``out_dir`` if given. The pretrained start is computed once (and
-    cached on disk in ``out_dir/cache``); ``jobs`` (default ``config.jobs``, 0 = one per core)
-    parallel worker processes share the runs."""
+    cached on disk in ``out_dir/cache``).
+
+    ``jobs`` worker processes share the runs (default: ``config.jobs`` when set, else 1; 0 = one
+    per core). Workers are *spawned*: a script that asks for ``jobs > 1`` must guard its entry
+    point with ``if __name__ == "__main__":``. Results do not depend on ``jobs``."""
     attacks = list(attacks if attacks is not None else config.attacks)
     defenses = list(defenses if defenses is not None else config.defenses)
     if cache_dir is None and out_dir is not None:
         cache_dir = Path(out_dir) / "cache"
     runs = [(config, a, d) for a in attacks for d in defenses]
-    n_jobs = config.resolved_jobs(len(runs)) if jobs is None else max(1, jobs)
+    n_jobs = resolve_jobs(config, jobs, len(runs))
     t0 = time.perf_counter()
     results = run_pairs(runs, jobs=n_jobs, data=data, make_model=make_model, progress=progress,
                         cache_dir=cache_dir)

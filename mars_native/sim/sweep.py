@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import SimConfig
 from .loop import RunResult
-from .report import SUMMARY_COLUMNS, _csv_value, _json_safe, run_pairs
+from .report import SUMMARY_COLUMNS, _csv_value, _json_safe, resolve_jobs, run_pairs
 
 __all__ = ["SWEEPS", "run_sweep", "sweep_configs", "sweep_values"]
 
@@ -89,7 +89,7 @@ def run_sweep(
             for d in defenses:
                 runs.append((cfg, a, d))
                 point_values.append(value)
-    n_jobs = config.resolved_jobs(len(runs)) if jobs is None else max(1, jobs)
+    n_jobs = resolve_jobs(config, jobs, len(runs))
     results = run_pairs(runs, jobs=n_jobs, data=data, make_model=make_model, progress=progress,
                         cache_dir=cache)
     points: list[tuple[float, RunResult]] = list(zip(point_values, results))

@@ -49,6 +49,7 @@ __all__ = [
     "pairwise_wasserstein_cuda",
     "sort_rows_cuda",
     "top_k_energy_cuda",
+    "trim_memory",
     "weighted_mean_cuda",
 ]
 
@@ -62,6 +63,13 @@ def cuda_compiled() -> bool:
 def cuda_available() -> bool:
     """True when the CUDA backend is compiled in and at least one CUDA device is usable."""
     return bool(_core.cuda.available())
+
+
+def trim_memory() -> None:
+    """Release the scratch device memory the CUDA backend keeps reserved between calls (its own
+    memory pool per device; e.g. a CBE batch reserves 8 * n^2 bytes per channel of n x n Grams,
+    648 bytes per 3x3-conv channel). No-op without the backend."""
+    _core.cuda.trim_memory()
 
 
 def cuda_info() -> dict[str, Any]:

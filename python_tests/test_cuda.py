@@ -11,7 +11,7 @@ Two groups:
 
 Tolerances (GPU vs CPU): spectral norms rtol 1e-11 (fp64 Gram summed in another order, same
 Jacobi code), 1e-9 against the NumPy SVD reference; top-k (both rules), W_1 pairwise distances,
-K-WMeans labels and W_1/W_2 costs bit for bit; W_2 pairwise rtol 1e-14 (the CPU compiler may fuse
+K-WMeans labels and W_1/W_2 costs bit for bit; W_2 pairwise rtol 1e-13 (the CPU compiler may fuse
 the square into an FMA), other p rtol 1e-12 (CUDA pow vs libm pow); weighted mean rtol 1e-14 in
 float64, 1 float32 ulp in float32.
 """
@@ -329,7 +329,7 @@ def test_pairwise_wasserstein_matches_cpu(torch_cuda, n, d, p, dtype, seed):
     if p == 1.0:
         assert got.tobytes() == cpu.tobytes()
     else:
-        np.testing.assert_allclose(got, cpu, rtol=1e-14 if p == 2.0 else 1e-12, atol=0)
+        np.testing.assert_allclose(got, cpu, rtol=1e-13 if p == 2.0 else 1e-12, atol=0)
     np.testing.assert_allclose(got, ref.pairwise_wasserstein(X, p), rtol=1e-11, atol=1e-14)
     assert _bits(got_t) == _bits(_cuda.pairwise_wasserstein_cuda(torch.from_numpy(X).to(dev), p))
     sorted_rows = _cuda.sort_rows_cuda(torch.from_numpy(X).to(dev))
@@ -466,3 +466,8 @@ def test_aggregate_states_and_finiteness_on_the_gpu(torch_cuda):
     states[1]["bn1.running_var"][3] = float("inf")
     assert _cuda.non_finite_keys(states[1]) == [k for k in states[1]
                                                 if k in ("conv2.weight", "bn1.running_var")]
+
+
+def test_trim_memory_is_safe_without_a_device():
+    _cuda.trim_memory()  # no pool was ever created here: nothing to release, no error
+    assert _core.cuda.device_count() == _cuda.cuda_info()["devices"]

@@ -479,6 +479,8 @@ void register_cuda(py::module_& parent) {
         "Number of CUDA devices (0 without a driver or device).");
   m.def("pointer_device", [](std::uintptr_t ptr) { return mc::pointer_device(ptr); },
         py::arg("ptr"), "Ordinal of the CUDA device that owns a device pointer.");
+  m.def("trim_memory", [] { mc::trim_memory(); },
+        "Release the unused scratch memory the CUDA backend keeps reserved between calls.");
   m.def("channel_spectral_norms", &spectral, py::arg("weights"), py::arg("scales"),
         py::arg("results"), py::arg("device"), py::arg("stream"),
         "results[i][k] = sigma_max(weights[i][k] as (in, prod(kernel))) * scales[i][k], for "
@@ -508,6 +510,7 @@ void register_cuda(py::module_& parent) {
   m.def("available", [] { return false; }, "False: the CUDA backend is not compiled in.");
   m.def("device_count", [] { return 0; }, "0: the CUDA backend is not compiled in.");
   m.def("pointer_device", [](std::uintptr_t) -> int { not_compiled(); }, py::arg("ptr"));
+  m.def("trim_memory", [] {}, "Nothing to release: the CUDA backend is not compiled in.");
   m.def("channel_spectral_norms", [](py::args, py::kwargs) { not_compiled(); });
   m.def("top_k_ceil", [](py::args, py::kwargs) { not_compiled(); });
   m.def("top_k_quantile", [](py::args, py::kwargs) { not_compiled(); });

@@ -8,8 +8,8 @@
 //     device, out of memory, a pointer that is not device memory of `device`...);
 //   * makes `device` current for the duration of the call and restores the previous device;
 //   * enqueues its work on `stream` (a cudaStream_t value; 0 = the legacy default stream) and
-//     returns without synchronising; temporary device memory is stream-ordered
-//     (cudaMallocAsync/cudaFreeAsync on the same stream). Kernel faults surface at the next
+//     returns without synchronising; temporary device memory is stream-ordered (allocated from
+//     the backend's memory pool and freed on the same stream). Kernel faults surface at the next
 //     synchronisation, as for any CUDA library.
 // Results are deterministic: no floating-point atomics, fixed summation orders, so repeated runs
 // on the same GPU model give bit-identical results.
@@ -48,6 +48,12 @@ int pointer_device(std::uintptr_t ptr);
 
 // Throws std::runtime_error("...no CUDA device...") unless 0 <= device < device_count().
 void require_device(int device);
+
+// Scratch memory comes from the backend's own memory pool per device, which keeps what it has
+// reserved between calls (the largest scratch of a call so far: e.g. the Gram matrices of a CBE
+// batch, 8 * n * n bytes per channel with an n x n Gram). trim_memory() releases the unused part
+// to the driver. Never throws.
+void trim_memory() noexcept;
 
 // ---------------------------------------------------------------- kernels
 

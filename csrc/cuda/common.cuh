@@ -50,21 +50,27 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-// Stream-ordered device scratch memory: allocated with cudaMallocAsync on `stream`, freed with
+// The backend's own stream-ordered memory pool of the current device (created on first use,
+// keeps what it has reserved: no re-mapping on every call, and no change to the device's default
+// pool that other libraries use), or nullptr when the device has no memory-pool support.
+// Defined in runtime.cu; trim_memory() in api.hpp releases the unused reserve.
+cudaMemPool_t scratch_pool();
+
+// Stream-ordered device scratch memory: allocated from scratch_pool() on `stream`, freed with
 // cudaFreeAsync on the same stream when the object goes out of scope (after the kernels that
 // use it were enqueued, so the memory is reused only once they are done).
-// Devices without stream-ordered memory pools fall back to cudaMalloc / (synchronise, cudaFree).
+// Devices without memory pools fall back to cudaMalloc / (synchronise, cudaFree).
 class Scratch {
  public:
   Scratch(std::size_t bytes, cudaStream_t stream) : stream_(stream) {
     if (bytes == 0) return;
-    cudaError_t err = cudaMallocAsync(&ptr_, bytes, stream);
-    if (err == cudaErrorNotSupported) {
-      cudaGetLastError();
+    cudaMemPool_t pool = scratch_pool();
+    if (pool != nullptr) {
+      check(cudaMallocFromPoolAsync(&ptr_, bytes, pool, stream), "allocation of scratch device memory");
+    } else {
       pooled_ = false;
-      err = cudaMalloc(&ptr_, bytes);
+      check(cudaMalloc(&ptr_, bytes), "allocation of scratch device memory");
     }
-    check(err, "allocation of scratch device memory");
   }
   ~Scratch() {
     if (ptr_ == nullptr) return;

@@ -1,6 +1,8 @@
 // Runtime queries of the CUDA backend: device count (0 without a driver), versions, pointer
 // ownership. None of these initialises a context unless a device exists.
 #include <cstdio>
+#include <mutex>
+#include <vector>
 
 #include "cuda/common.cuh"
 
@@ -10,6 +12,55 @@
 
 namespace mars {
 namespace cuda {
+
+namespace {
+
+std::mutex pool_mutex;
+std::vector<cudaMemPool_t> pools;       // per device ordinal; nullptr: not created yet
+std::vector<bool> pools_checked;        // pool support looked up for this device
+
+}  // namespace
+
+namespace detail {
+
+cudaMemPool_t scratch_pool() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  if (static_cast<std::size_t>(device) >= pools.size()) {
+    pools.resize(device + 1, nullptr);
+    pools_checked.resize(device + 1, false);
+  }
+  if (!pools_checked[device]) {
+    pools_checked[device] = true;
+    int supported = 0;
+    check(cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device),
+          "cudaDeviceGetAttribute");
+    if (supported) {
+      cudaMemPoolProps props{};
+      props.allocType = cudaMemAllocationTypePinned;
+      props.handleTypes = cudaMemHandleTypeNone;
+      props.location.type = cudaMemLocationTypeDevice;
+      props.location.id = device;
+      cudaMemPool_t pool = nullptr;
+      check(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
+      std::uint64_t keep = UINT64_MAX;  // never release reserved memory at synchronisations
+      check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
+            "cudaMemPoolSetAttribute");
+      pools[device] = pool;
+    }
+  }
+  return pools[device];
+}
+
+}  // namespace detail
+
+void trim_memory() noexcept {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  for (cudaMemPool_t pool : pools) {
+    if (pool != nullptr) cudaMemPoolTrimTo(pool, 0);
+  }
+}
 
 int device_count() noexcept {
   int n = 0;

@@ -7,12 +7,14 @@
 // largest magnitude would overflow/underflow the squares are rescaled by the same power of two
 // s as on the CPU (float64 weights are read twice for that; float32 never needs it).
 //
-// Phase 1 (memory bound): one warp per channel builds G. Three paths, chosen per weight tensor:
-//  * n == 1 (1x1 convs, Linear rows): sum of squares, lane-strided + a shuffle tree;
-//  * cols == 9 <= rows (3x3 convs, the bulk of CNN weights): each lane reads whole rows and keeps
-//    the 45 upper-triangle sums in registers, then a shuffle tree per entry;
-//  * otherwise: chunks of the long side staged in shared memory as fp64, each lane owning a
-//    fixed set of Gram entries.
+// Phase 1 (memory bound): the Grams, one warp or a group of lanes per channel. Three paths,
+// chosen per weight tensor:
+//  * n == 1 (1x1 convs, Linear rows): a warp per channel, sum of squares, lane-strided + a
+//    shuffle tree;
+//  * cols == 9 <= rows (3x3 convs, the bulk of CNN weights): 8 lanes per channel, each reading
+//    whole rows and keeping the 45 upper-triangle sums in registers, then a shuffle tree;
+//  * otherwise: a warp per channel; chunks of the long side staged in shared memory as fp64,
+//    each lane owning a fixed set of Gram entries.
 // Phase 2: one thread per channel runs the Jacobi solver on its Gram, copied to shared memory.
 // Every sum has a fixed order (per-lane sequential sums, then a fixed shuffle tree), so results
 // are bit-identical from run to run; they agree with the CPU kernel to ~1e-13 relative (the
@@ -62,26 +64,26 @@ __device__ __forceinline__ double warp_sum_to_lane0(double v) {
   return v;
 }
 
-__device__ __forceinline__ double warp_max_all(double v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(kFullMask, v, offset));
-  return v;
-}
-
-// The CPU's channel_scale for a float64 channel (all lanes get the same value): NaN if any
-// value is NaN/Inf, 1 unless the largest magnitude is outside (2^-400, 2^400), else the power of
-// two that brings it near 1. float32 channels always use 1.
-template <typename T>
-__device__ double channel_scale(const T* x, std::int64_t count, int lane) {
+// The CPU's channel_scale for a float64 channel, computed by the `Width` lanes (a power of two
+// <= 32, aligned within the warp) that own the channel; every lane of the group gets the same
+// value: NaN if any value is NaN/Inf, 1 unless the largest magnitude is outside
+// (2^-400, 2^400), else the power of two that brings it near 1. float32 channels always use 1.
+// All 32 lanes of the warp must call it (xor shuffles over the full mask; a group with nothing
+// to do passes count = 0).
+template <int Width, typename T>
+__device__ double channel_scale(const T* x, std::int64_t count, int sub) {
   if (sizeof(T) == 4) return 1.0;
   double max_abs = 0.0;
-  bool finite = true;
-  for (std::int64_t i = lane; i < count; i += 32) {
+  int finite = 1;
+  for (std::int64_t i = sub; i < count; i += Width) {
     const double a = fabs(static_cast<double>(__ldg(x + i)));
-    finite = finite && isfinite(a);
+    finite &= isfinite(a) ? 1 : 0;
     max_abs = a > max_abs ? a : max_abs;
   }
-  finite = __all_sync(kFullMask, finite);
-  max_abs = warp_max_all(max_abs);
+  for (int offset = Width / 2; offset > 0; offset >>= 1) {
+    max_abs = fmax(max_abs, __shfl_xor_sync(kFullMask, max_abs, offset));
+    finite &= __shfl_xor_sync(kFullMask, finite, offset);
+  }
   if (!finite) return CUDART_NAN;
   if (max_abs == 0.0) return 1.0;
   if (max_abs > 0x1p-400 && max_abs < 0x1p400) return 1.0;
@@ -98,7 +100,7 @@ template <typename T>
 __device__ void sum_squares_channel(const DevTask& t, std::int64_t k, int lane) {
   const std::int64_t count = t.rows * t.cols;
   const T* x = static_cast<const T*>(t.weight) + k * count;
-  const double s = channel_scale(x, count, lane);
+  const double s = channel_scale<32>(x, count, lane);
   double sigma;
   if (isnan(s)) {
     sigma = s;
@@ -142,19 +144,45 @@ __global__ void sum_squares_kernel(Table table) {
 
 // ---------------------------------------------------------------- phase 1: 3x3 kernels
 
+// A channel group of kGroup lanes per channel (kGroupsPerWarp channels per warp): each lane reads
+// whole rows r = sub, sub + kGroup, ... and keeps the 45 upper-triangle sums of the 9x9 Gram in
+// registers; then a 3-step shuffle tree per entry (one shuffle instruction serves all the
+// channels of the warp, so the reduction costs ~45 * 3 / 4 shuffles per channel instead of
+// 45 * 5 for a warp per channel). One dtype per launch (T), so all lanes take the same path.
 constexpr int kC9 = 9;
 constexpr int kE9 = kC9 * (kC9 + 1) / 2;  // 45 upper-triangle entries
+constexpr int kGroup = 8;
+constexpr int kGroupsPerWarp = 32 / kGroup;
+
+__device__ __forceinline__ double group_sum_to_sub0(double v) {
+  for (int offset = kGroup / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
+  return v;  // complete in the group's first lane (sub == 0)
+}
 
 template <typename T>
-__device__ void gram9_channel(const DevTask& t, std::int64_t k, int lane) {
-  const std::int64_t rows = t.rows;
-  const T* x = static_cast<const T*>(t.weight) + k * rows * kC9;
-  const double s = channel_scale(x, rows * kC9, lane);
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) gram9_kernel(Table table) {
+  const int lane = threadIdx.x & 31;
+  const int sub = lane % kGroup;
+  const std::int64_t warp = static_cast<std::int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (warp * kGroupsPerWarp >= table.n_items) return;  // the whole warp has no channel
+  const std::int64_t item = warp * kGroupsPerWarp + lane / kGroup;
+  const bool active = item < table.n_items;
+  DevTask t{};
+  std::int64_t k = 0, rows = 0;
+  const T* x = nullptr;
+  if (active) {
+    const int ti = find_task(table.begin, table.n_tasks, item);
+    t = table.tasks[ti];
+    k = item - table.begin[ti];
+    rows = t.rows;
+    x = static_cast<const T*>(t.weight) + k * rows * kC9;
+  }
+  const double s = channel_scale<kGroup>(x, rows * kC9, sub);
   double acc[kE9];
 #pragma unroll
   for (int e = 0; e < kE9; ++e) acc[e] = 0.0;
   if (!isnan(s)) {
-    for (std::int64_t r = lane; r < rows; r += 32) {
+    for (std::int64_t r = sub; r < rows; r += kGroup) {
       double v[kC9];
 #pragma unroll
       for (int j = 0; j < kC9; ++j) v[j] = static_cast<double>(__ldg(x + r * kC9 + j)) * s;
@@ -170,8 +198,8 @@ __device__ void gram9_channel(const DevTask& t, std::int64_t k, int lane) {
     }
   }
 #pragma unroll
-  for (int e = 0; e < kE9; ++e) acc[e] = warp_sum_to_lane0(acc[e]);
-  if (lane == 0) {
+  for (int e = 0; e < kE9; ++e) acc[e] = group_sum_to_sub0(acc[e]);
+  if (active && sub == 0) {
     double* g = t.gram + k * (kC9 * kC9);
     int e = 0;
 #pragma unroll
@@ -184,20 +212,6 @@ __device__ void gram9_channel(const DevTask& t, std::int64_t k, int lane) {
       }
     }
     t.chan_scale[k] = s;
-  }
-}
-
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) gram9_kernel(Table table) {
-  const int lane = threadIdx.x & 31;
-  const std::int64_t item = static_cast<std::int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (item >= table.n_items) return;
-  const int ti = find_task(table.begin, table.n_tasks, item);
-  const DevTask t = table.tasks[ti];
-  const std::int64_t k = item - table.begin[ti];
-  if (t.f64) {
-    gram9_channel<double>(t, k, lane);
-  } else {
-    gram9_channel<float>(t, k, lane);
   }
 }
 
@@ -229,7 +243,7 @@ __device__ void gram_generic_channel(const DevTask& t, std::int64_t k, int lane,
   const std::int64_t count = rows * cols;
   const T* x = static_cast<const T*>(t.weight) + k * count;
   double* g = t.gram + k * static_cast<std::int64_t>(n) * n;
-  const double s = channel_scale(x, count, lane);
+  const double s = channel_scale<32>(x, count, lane);
   if (isnan(s)) {  // NaN/Inf in the channel: the result is NaN, the Gram is not needed
     if (lane == 0) t.chan_scale[k] = s;
     return;
@@ -319,7 +333,7 @@ __global__ void eigen_global_kernel(Table table) {
 
 // ---------------------------------------------------------------- host side
 
-enum Path { kSumSquares = 0, kGram9 = 1, kGeneric = 2, kEigen = 3, kPaths = 4 };
+enum Path { kSumSquares = 0, kGram9F32 = 1, kGram9F64 = 2, kGeneric = 3, kEigen = 4, kPaths = 5 };
 
 struct HostList {
   std::vector<DevTask> tasks;
@@ -400,7 +414,8 @@ void channel_spectral_norms(const std::vector<SpectralTask>& tasks, int device, 
     d.chan_scale = reinterpret_cast<double*>(static_cast<std::uintptr_t>(scale_doubles));
     gram_doubles += static_cast<std::size_t>(s.out) * d.n * d.n;
     scale_doubles += static_cast<std::size_t>(s.out);
-    lists[(d.by_columns && d.n == kC9) ? kGram9 : kGeneric].add(d, s.out);
+    const bool gram9 = d.by_columns && d.n == kC9;
+    lists[!gram9 ? kGeneric : d.f64 ? kGram9F64 : kGram9F32].add(d, s.out);
   }
 
   // One scratch block: Grams, per-channel s, then every list's task table and begin array.
@@ -409,7 +424,7 @@ void channel_spectral_norms(const std::vector<SpectralTask>& tasks, int device, 
   bytes += detail::align_up(gram_doubles * sizeof(double));
   const std::size_t scale_offset = bytes;
   bytes += detail::align_up(scale_doubles * sizeof(double));
-  for (int q : {kGram9, kGeneric}) {
+  for (int q : {kGram9F32, kGram9F64, kGeneric}) {
     for (std::size_t j = 0; j < lists[q].tasks.size(); ++j) lists[kEigen].add(lists[q].tasks[j], lists[q].outs[j]);
   }
   for (int p = 0; p < kPaths; ++p) {
@@ -439,10 +454,16 @@ void channel_spectral_norms(const std::vector<SpectralTask>& tasks, int device, 
                          stream>>>(lists[kSumSquares].table(scratch));
     detail::check_launch("sum_squares_kernel");
   }
-  if (lists[kGram9].items > 0) {
-    gram9_kernel<<<detail::grid_1d(lists[kGram9].items, kWarpsPerBlock), threads, 0, stream>>>(
-        lists[kGram9].table(scratch));
-    detail::check_launch("gram9_kernel");
+  const int channels_per_block = kWarpsPerBlock * kGroupsPerWarp;
+  if (lists[kGram9F32].items > 0) {
+    gram9_kernel<float><<<detail::grid_1d(lists[kGram9F32].items, channels_per_block), threads, 0,
+                          stream>>>(lists[kGram9F32].table(scratch));
+    detail::check_launch("gram9_kernel<float>");
+  }
+  if (lists[kGram9F64].items > 0) {
+    gram9_kernel<double><<<detail::grid_1d(lists[kGram9F64].items, channels_per_block), threads, 0,
+                           stream>>>(lists[kGram9F64].table(scratch));
+    detail::check_launch("gram9_kernel<double>");
   }
   if (lists[kGeneric].items > 0) {
     gram_generic_kernel<<<detail::grid_1d(lists[kGeneric].items, kWarpsPerBlock), threads, 0,

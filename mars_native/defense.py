@@ -21,11 +21,19 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mars_native._arrays import to_numpy
 from mars_native._native import wasserstein_1d
 from mars_native.cluster import KWMeans
-from mars_native.energy import concentrated_backdoor_energy
+from mars_native.energy import backdoor_energy, concentrate
 from mars_native.layers import Layer, find_layers
-from mars_native.validation import Template, check_state, majority_template, state_template
+from mars_native.validation import (
+    Template,
+    check_finite,
+    check_state,
+    majority_template,
+    non_finite_reason,
+    state_template,
+)
 
 Selection = Literal["norm", "majority"]
 Mode = Literal["paper", "official"]
@@ -252,17 +260,29 @@ class MARS:
         Returns:
             ``(cbe, None)`` with cbe float64 (d,), or ``(None, "<code>: <detail>")``.
         """
-        reason = check_state(state, template)
+        # One pass over the scored weights: the spectral kernel yields NaN for a channel holding a
+        # NaN/Inf value, so those keys are not read a second time by the finiteness check; every
+        # other tensor is checked first. (When several tensors are non-finite, the reason names a
+        # non-scored one before a scored one.)
+        reason = check_state(state, template, finite=False)
         if reason is not None:
             return None, reason
         try:
             layers = self.layers_for(state, reference)
+            reason = check_finite(state, skip={layer.weight_key for layer in layers})
+            if reason is not None:
+                return None, reason
             if not layers:
                 what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
                 return None, f"no_scorable_layer: the model has no {what}"
-            cbe = concentrated_backdoor_energy(
-                state, self.kappa, self.mode, layers=layers, bn_eps=self.bn_eps, n_threads=self.n_threads
-            )
+            energies = backdoor_energy(state, layers=layers, bn_eps=self.bn_eps, mode=self.mode,
+                                       n_threads=self.n_threads)
+            for layer, be in zip(layers, energies.values()):
+                if not np.isfinite(be).all():
+                    reason = non_finite_reason(layer.weight_key, to_numpy(state[layer.weight_key]))
+                    if reason is not None:
+                        return None, reason
+            cbe = concentrate(energies, self.kappa, self.mode, include_linear=self.include_linear)
         except TypeError as exc:
             return None, f"invalid_type: {exc}"
         except ValueError as exc:

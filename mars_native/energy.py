@@ -139,6 +139,22 @@ def concentrated_backdoor_energy(
         mode=mode,
         n_threads=n_threads,
     )
+    return concentrate(energies, kappa, mode, include_linear=include_linear)
+
+
+def concentrate(
+    energies: Mapping[str, np.ndarray],
+    kappa: float = 0.05,
+    mode: Mode = "paper",
+    *,
+    include_linear: bool = False,
+) -> np.ndarray:
+    """The CBE from per-layer BE values (:func:`backdoor_energy`'s output): the top ``kappa``
+    share of every layer, concatenated in layer order (rules: :func:`concentrated_backdoor_energy`).
+
+    Raises ``ValueError`` when there is no layer (or only empty ones), or a BE is NaN/Inf.
+    """
+    _check_mode(mode)
     if not energies:
         what = "conv layers followed by a BatchNorm" if mode == "official" else "conv (ndim >= 3) weights"
         raise ValueError(f"no scorable layer: the state_dict has no {what}" + (

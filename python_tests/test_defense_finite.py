@@ -1,0 +1,89 @@
+"""NaN/Inf in a scored weight is found by the spectral kernel (one pass over the scored weights,
+no separate finiteness scan): the client is rejected with the same ``non_finite`` reason, exact
+count included, in batch and streaming rounds, and never reaches the aggregate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mars_native.defense import MARS
+from mars_native.energy import concentrated_backdoor_energy
+
+
+def _states(n: int = 5, dtype=np.float32, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    base = {
+        "conv1.weight": rng.standard_normal((8, 3, 3, 3)),
+        "bn1.weight": 1.0 + 0.1 * rng.standard_normal(8),
+        "bn1.bias": rng.standard_normal(8),
+        "bn1.running_mean": rng.standard_normal(8),
+        "bn1.running_var": 1.0 + rng.random(8),
+        "conv2.weight": rng.standard_normal((16, 8, 3, 3)),
+        "bn2.weight": 1.0 + 0.1 * rng.standard_normal(16),
+        "bn2.bias": rng.standard_normal(16),
+        "bn2.running_mean": rng.standard_normal(16),
+        "bn2.running_var": 1.0 + rng.random(16),
+        "fc.weight": rng.standard_normal((4, 16)),
+        "fc.bias": rng.standard_normal(4),
+    }
+    return [{k: (v + 0.01 * rng.standard_normal(v.shape)).astype(dtype) for k, v in base.items()}
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_scored_weight_is_rejected_with_its_count(dtype, value):
+    states = _states(dtype=dtype)
+    states[2]["conv2.weight"][3, 1, 0, 2] = value
+    states[2]["conv2.weight"][5, 0, 1, 1] = value
+    new, report = MARS(epsilon=1e9).aggregate(states)
+    assert report.reasons[2] == "non_finite: 'conv2.weight' has 2 NaN/Inf value(s) of 1152"
+    assert report.accepted.tolist() == [True, True, False, True, True]
+    assert np.isnan(report.cbe[2]).all() and np.isfinite(report.cbe[[0, 1, 3, 4]]).all()
+    want = np.mean([states[i]["conv2.weight"].astype(np.float64) for i in (0, 1, 3, 4)], axis=0)
+    np.testing.assert_allclose(new["conv2.weight"], want, rtol=1e-6)
+
+
+def test_streaming_round_gives_the_same_reason():
+    states = _states()
+    states[1]["conv1.weight"][0, 0, 0, 0] = np.nan
+    rnd = MARS(epsilon=1e9).round()
+    for s in states:
+        rnd.add(s)
+    new, report = rnd.finish()
+    assert report.reasons[1] == "non_finite: 'conv1.weight' has 1 NaN/Inf value(s) of 216"
+    assert np.isfinite(new["conv1.weight"]).all()
+
+
+def test_scored_linear_weight_with_include_linear():
+    states = _states()
+    states[0]["fc.weight"][1, 2] = np.inf
+    report = MARS(include_linear=True, epsilon=1e9).detect(states)
+    assert report.reasons[0] == "non_finite: 'fc.weight' has 1 NaN/Inf value(s) of 64"
+    # not scored: the ordinary scan finds it
+    report = MARS(epsilon=1e9).detect(states)
+    assert report.reasons[0] == "non_finite: 'fc.weight' has 1 NaN/Inf value(s) of 64"
+
+
+def test_non_scored_tensor_is_named_first():
+    states = _states()
+    states[4]["conv1.weight"][0, 0, 0, 0] = np.nan
+    states[4]["bn2.running_mean"][3] = np.nan
+    report = MARS(epsilon=1e9).detect(states)
+    assert report.reasons[4] == "non_finite: 'bn2.running_mean' has 1 NaN/Inf value(s) of 16"
+
+
+def test_huge_finite_float32_weights_are_not_non_finite():
+    states = _states()
+    states[3]["conv2.weight"] *= np.float32(3e37)  # squares overflow float32, not the fp64 Gram
+    report = MARS(epsilon=1e9).detect(states)
+    assert report.reasons[3] is None or not report.reasons[3].startswith("non_finite")
+    assert np.isfinite(report.cbe[3]).all()
+
+
+def test_public_cbe_still_raises_on_non_finite_weights():
+    state = _states(1)[0]
+    state["conv1.weight"][0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        concentrated_backdoor_energy(state)

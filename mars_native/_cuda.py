@@ -283,6 +283,7 @@ _STATE_FUNCTIONS = frozenset({
     "bn_scale_cuda",
     "concentrated_backdoor_energy_batch_cuda",
     "concentrated_backdoor_energy_cuda",
+    "device_template",
     "non_finite_keys",
 })
 

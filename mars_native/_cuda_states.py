@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from mars_native import _core
+from mars_native._arrays import to_numpy
 from mars_native._cuda import (
     _top_k_many,
     channel_spectral_norms_batched_cuda,
@@ -20,6 +21,7 @@ from mars_native._cuda import (
 from mars_native._cuda_arrays import (
     FLOAT_DTYPES,
     check_kappa,
+    dtype_name,
     float_input,
     is_cuda_array,
     library,
@@ -31,6 +33,7 @@ __all__ = [
     "bn_scale_cuda",
     "concentrated_backdoor_energy_batch_cuda",
     "concentrated_backdoor_energy_cuda",
+    "device_template",
     "non_finite_keys",
 ]
 
@@ -91,6 +94,26 @@ def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
         return []
     ok = lib.to_host(lib.stack(flags))
     return [k for k, good in zip(checked, ok) if not bool(good)]
+
+
+def device_template(state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """key -> (shape, NumPy dtype) of a state_dict whose values may live on a GPU, read from the
+    arrays' metadata only (no device access): the layout :func:`mars_native.validation.
+    state_template` gives for host arrays (bfloat16 reads as float32, as there). Values that are
+    not CUDA arrays are described through :func:`mars_native._arrays.to_numpy`, as there."""
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    keys = state.keys()
+    for key in keys:
+        x = state[key]
+        if not is_cuda_array(x):
+            arr = to_numpy(x, name=str(key))  # host data: a view where possible, as in validation
+            out[str(key)] = (tuple(int(s) for s in arr.shape), arr.dtype)
+            continue
+        iface = None if hasattr(x, "dtype") else x.__cuda_array_interface__
+        shape = tuple(int(s) for s in (x.shape if iface is None else iface["shape"]))
+        name = dtype_name(x.dtype) if iface is None else np.dtype(iface["typestr"]).name
+        out[str(key)] = (shape, np.dtype("float32" if name == "bfloat16" else name))
+    return out
 
 
 def shape_proxy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:

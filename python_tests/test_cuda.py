@@ -468,6 +468,19 @@ def test_aggregate_states_and_finiteness_on_the_gpu(torch_cuda):
                                                 if k in ("conv2.weight", "bn1.running_var")]
 
 
+def test_device_template_reads_metadata_only():
+    from mars_native.validation import state_template
+
+    state = {"w": FakeCudaArray((4, 3, 3, 3)), "n": FakeCudaArray((), "<i8"),
+             "b": np.zeros(4, np.float64)}
+    assert _cuda.device_template(state) == {"w": ((4, 3, 3, 3), np.dtype(np.float32)),
+                                            "n": ((), np.dtype(np.int64)),
+                                            "b": ((4,), np.dtype(np.float64))}
+    torch = pytest.importorskip("torch")
+    cpu = {"w": torch.zeros(2, 3, dtype=torch.bfloat16), "x": torch.zeros(5, dtype=torch.int32)}
+    assert _cuda.device_template(cpu) == state_template(cpu)
+
+
 def test_trim_memory_is_safe_without_a_device():
     _cuda.trim_memory()  # no pool was ever created here: nothing to release, no error
     assert _core.cuda.device_count() == _cuda.cuda_info()["devices"]

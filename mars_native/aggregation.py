@@ -331,12 +331,24 @@ class _Client:
     cbe: np.ndarray | None
     reason: str | None
     name: str | None
+    layout: frozenset | None = None  # keys, shapes and dtypes (None: not a state_dict of arrays)
+    model: tuple[list[_Spec], Callable[[], dict]] | None = None  # its specs and container
     added: bool = False  # its float tensors are in the running sum
     source: Any = None  # the state itself, or its loader (a zero-argument callable)
     has_loader: bool = False
     max_abs: np.ndarray | None = None  # (n_float_keys,) max |x| per float key
     checksums: list[int] = field(default_factory=list)  # per float key
     others: dict[str, np.ndarray] = field(default_factory=dict)  # non-float tensors (no global)
+
+
+def _layout(specs: Sequence[_Spec]) -> frozenset:
+    """The layout of a state_dict: the same key as validation.majority_template uses."""
+    return frozenset((s.key, s.shape, s.np_dtype.str) for s in specs)
+
+
+def _shape_only_state(specs: Sequence[_Spec]) -> dict[str, np.ndarray]:
+    """Zero-memory arrays with the keys, shapes and dtypes of ``specs`` (for check_state)."""
+    return {s.key: np.broadcast_to(np.zeros((), s.np_dtype), s.shape) for s in specs}
 
 
 class Round:
@@ -353,6 +365,12 @@ class Round:
       checksum of what was added.
     - ``add(state, weight)`` without a loader: the round keeps a reference to ``state`` until
       ``finish``, so memory is O(clients) (as for ``MARS.aggregate``).
+
+    The template: the global model when one is given (recommended for a server). Without one,
+    like ``MARS.detect``, clients must match the layout (keys, shapes, dtypes) most of them share
+    (ties: the earliest), so that one malformed client cannot become the template. The running
+    sum follows the layout that leads so far; when another layout overtakes it, the sum is rebuilt
+    from that layout's clients (re-read through their loaders), which only malformed rounds cause.
 
     Subtraction is exact up to fp64 rounding (``(a + b) - b`` need not be ``a`` bit for bit): the
     result matches :func:`aggregate_detected` to within one float32 ulp. A rejected client whose
@@ -384,19 +402,21 @@ class Round:
         self._layers: list[str] = []
         self._seconds = 0.0
         self._finished = False
+        self._leader: frozenset | None = None  # the leading layout (no global model)
+        self._model_index = -1  # the client whose keys and container the output takes
         if global_state is not None:
-            self._set_model(global_state)
+            self._set_model((_specs(global_state), _state_factory(global_state)))
 
     @property
     def n_clients(self) -> int:
         """Clients added so far."""
         return len(self._clients)
 
-    def _set_model(self, state: Mapping[str, Any]) -> None:
-        """Take ``state`` (the global model or the first valid client) as the template."""
-        self._template = state_template(state)
-        self._specs = _specs(state, self._template)
-        self._factory = _state_factory(state)
+    def _set_model(self, model: tuple[list[_Spec], Callable[[], dict]]) -> None:
+        """Take ``model`` (the global model's or a client's specs and container) as the
+        template, with an empty running sum."""
+        self._specs, self._factory = model
+        self._template = {s.key: (s.shape, s.np_dtype) for s in self._specs}
         n = sum(s.size for s in self._specs if s.is_float)
         self._acc = np.zeros(n, dtype=np.float64)
 
@@ -429,28 +449,83 @@ class Round:
         if state is None and loader is not None:
             state = loader()
         t0 = time.perf_counter()
-        cbe, reason = self.mars.client_cbe(state, self._template, self.global_state)
+        cbe, reason = self.mars.client_cbe(state, self._fixed_template(), self.global_state)
         self._seconds += time.perf_counter() - t0
         client = _Client(weight=w, cbe=cbe, reason=reason, name=name)
         self._clients.append(client)
-        if reason is not None:
-            return len(self._clients) - 1
-        if self._template is None:
-            self._set_model(state)
-        if not self._layers:
-            self._layers = [layer.name for layer in self.mars.layers_for(state, self.global_state)]
-        if w > 0:
-            stats = self._accumulate(state, w, self._float_specs())
-            client.max_abs = np.array([m for m, _ in stats], dtype=np.float64)
-            client.checksums = [c for _, c in stats]
-            client.added = True
+        index = len(self._clients) - 1
+        keep = reason is None and w > 0  # it may contribute: keep a way to read it again
+        if keep:
             client.has_loader = loader is not None
             client.source = loader if loader is not None else state
-            if self.global_state is None:
-                assert self._specs is not None
-                client.others = {s.key: np.array(to_numpy(state[s.key], name=s.key), copy=True)
-                                 for s in self._specs if not s.is_float}
-        return len(self._clients) - 1
+        if self.global_state is None:
+            try:
+                client.model = (_specs(state), _state_factory(state))
+            except TypeError:  # not a state_dict of arrays: already rejected by client_cbe
+                return index
+            client.layout = _layout(client.model[0])
+            leader = self._leading_layout()
+            if leader != self._leader:  # this client's layout took the lead: rebuild the sum
+                self._follow(leader, state, index)
+                return index
+            if client.layout != self._leader:
+                return index
+            if reason is None and self._clients[self._model_index].reason is not None:
+                self._set_model(client.model)  # the first valid client of the layout (sum is 0)
+                self._model_index = index
+        if keep:
+            self._contribute(index, state)
+        return index
+
+    def _fixed_template(self) -> Template | None:
+        """The template of add()-time validation: the global model's, else none (the layout is
+        checked against the majority at finish())."""
+        return self._template if self.global_state is not None else None
+
+    def _leading_layout(self) -> frozenset | None:
+        """The layout most clients share so far (ties: the earliest)."""
+        counts: dict[frozenset, int] = {}
+        for c in self._clients:
+            if c.layout is not None:
+                counts[c.layout] = counts.get(c.layout, 0) + 1
+        return max(counts, key=counts.__getitem__) if counts else None  # first max = earliest
+
+    def _follow(self, layout: frozenset, state: Mapping[str, Any], index: int) -> None:
+        """Make ``layout`` the running sum's: its first valid client's keys and container, and
+        the sum of its clients so far (the earlier ones re-read)."""
+        members = [i for i, c in enumerate(self._clients) if c.layout == layout]
+        first_valid = next((i for i in members if self._clients[i].reason is None), members[0])
+        self._leader, self._model_index = layout, first_valid
+        self._set_model(self._clients[first_valid].model)  # type: ignore[arg-type]
+        self._layers = []
+        for c in self._clients:
+            c.added = False
+        for i in members:
+            c = self._clients[i]
+            if c.reason is not None or c.weight == 0:
+                continue
+            if i == index:
+                self._contribute(i, state)
+                continue
+            try:
+                self._contribute(i, self._reload(i))
+            except Exception as exc:
+                raise RuntimeError(f"cannot re-sum the layout most clients share: {self._label(i)} "
+                                   f"could not be re-read ({type(exc).__name__}: {exc})") from exc
+
+    def _contribute(self, index: int, state: Mapping[str, Any]) -> None:
+        """Add client ``index`` (its ``state``) to the running sum."""
+        c = self._clients[index]
+        if not self._layers:
+            self._layers = [layer.name for layer in self.mars.layers_for(state, self.global_state)]
+        stats = self._accumulate(state, c.weight, self._float_specs())
+        c.max_abs = np.array([m for m, _ in stats], dtype=np.float64)
+        c.checksums = [k for _, k in stats]
+        c.added = True
+        if self.global_state is None:
+            assert self._specs is not None
+            c.others = {s.key: np.array(to_numpy(state[s.key], name=s.key), copy=True)
+                        for s in self._specs if not s.is_float}
 
     def add_rejected(self, reason: str, *, name: str | None = None) -> int:
         """Record a client that could not even be read (e.g. a corrupt upload) as rejected.
@@ -556,9 +631,21 @@ class Round:
             self._acc = None
             self._clients = [_Client(c.weight, None, c.reason, c.name) for c in self._clients]
 
+    def _final_reasons(self) -> list[str | None]:
+        """Each client's reason, with the layout check against the leading layout (no global
+        model) that MARS.detect applies: a mismatch there takes precedence, as in detect()."""
+        reasons = [c.reason for c in self._clients]
+        if self.global_state is None and self._leader is not None:
+            for i, c in enumerate(self._clients):
+                if c.layout is not None and c.layout != self._leader:
+                    reasons[i] = check_state(_shape_only_state(c.model[0]), self._template)  # type: ignore[index]
+                    c.cbe = None
+        return reasons
+
     def _finish(self) -> tuple[dict | None, Detection]:
         t0 = time.perf_counter()
-        report = self.mars.decide([c.cbe for c in self._clients], [c.reason for c in self._clients])
+        reasons = self._final_reasons()  # (before the CBEs: it drops those of mismatched layouts)
+        report = self.mars.decide([c.cbe for c in self._clients], reasons)
         report.layers = list(self._layers)
         report.detect_seconds = self._seconds + time.perf_counter() - t0
         contributing = [i for i, c in enumerate(self._clients) if report.accepted[i] and c.added]

@@ -294,9 +294,15 @@ def corrupt(state: OrderedDict, kind: str, key_index: int, pos: int):
 
 @st.composite
 def bad_rounds(draw):
-    n = draw(st.integers(2, 7))
-    kinds = [None] + [draw(st.sampled_from((None, *CORRUPTIONS))) for _ in range(n - 1)]
-    kinds = draw(st.permutations(kinds)) if draw(st.booleans()) else kinds
+    # clean clients are the strict majority, so that their layout is the template without a
+    # global model (MARS.detect's rule); anywhere in the round
+    n_clean = draw(st.integers(1, 4))
+    n_bad = draw(st.integers(0, n_clean))
+    kinds = [None] * n_clean + [draw(st.sampled_from(CORRUPTIONS)) for _ in range(n_bad)]
+    if n_bad == n_clean:  # one more clean client keeps the majority strict
+        kinds.append(None)
+    kinds = draw(st.permutations(kinds))
+    n = len(kinds)
     corruption = [(k, draw(st.integers(0, 30)), draw(st.integers(0, 10_000))) for k in kinds]
     weights = draw(st.lists(st.sampled_from([0.5, 1.0, 3.0, 17.0]), min_size=n, max_size=n))
     with_global = draw(st.booleans())
@@ -307,8 +313,6 @@ def bad_rounds(draw):
 @given(bad_rounds())
 def test_bad_clients_are_rejected_and_never_reach_the_aggregate(base, case):
     corruption, weights, with_global, lr = case
-    if not with_global:  # the first valid client is the template: keep the first one clean
-        corruption = sorted(corruption, key=lambda c: c[0] is not None)
     clients, _ = make_clients(base, len(corruption), 0, seed=len(corruption))
     states = [s if kind is None else corrupt(s, kind, ki, pos)
               for s, (kind, ki, pos) in zip(clients, corruption)]
@@ -334,18 +338,36 @@ def test_bad_clients_are_rejected_and_never_reach_the_aggregate(base, case):
     assert_state_close(new_s, expected)
 
 
-def test_majority_layout_is_the_template_without_a_global_model(base):
-    clients, _ = make_clients(base, 4, 0, seed=9)
-    odd = corrupt(clients[0], "extra", 0, 0)  # valid on its own, but the only one with its layout
-    new, report = MARS().aggregate([odd, *clients[1:]])
-    assert report.reason_codes == ["extra_keys", None, None, None]
-    assert list(new) == list(clients[1])
-    # the streaming round cannot see the majority in advance: its first valid client is the template
+@pytest.mark.parametrize("n_odd", [1, 2])
+def test_majority_layout_is_the_template_without_a_global_model(base, n_odd):
+    clients, _ = make_clients(base, 5, 0, seed=9)
+    # malformed but valid on their own, and first: they lead the stream until overtaken
+    odd = [corrupt(c, "extra", 0, 0) for c in clients[:n_odd]]
+    states = [*odd, *clients[n_odd:]]
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0]
+    new, report = MARS().aggregate(states, weights=weights)
+    assert report.reason_codes == ["extra_keys"] * n_odd + [None] * (5 - n_odd)
+    assert list(new) == list(clients[n_odd])
+    assert_state_close(new, expected_state(states, report.accepted, weights))
+    for loaders in (True, False):  # the streaming round follows the majority too
+        stream, report_s = _stream(MARS(), states, weights, loaders=loaders)
+        assert report_s.reasons == report.reasons
+        np.testing.assert_array_equal(report_s.cbe, report.cbe)
+        assert_state_close(stream, new)
+
+
+def test_streaming_layout_rebuild_needs_the_clients_again(base):
+    clients, _ = make_clients(base, 3, 0, seed=10)
+    odd = corrupt(clients[0], "extra", 0, 0)
     rnd = MARS().round()
-    for s in [odd, *clients[1:]]:
-        rnd.add(s)
-    _, streamed = rnd.finish()
-    assert streamed.reason_codes == [None, "missing_keys", "missing_keys", "missing_keys"]
+    rnd.add(odd, loader=lambda: odd)
+
+    def gone():
+        raise OSError("deleted")
+
+    rnd.add(clients[1], loader=gone)  # a tie: the earliest layout still leads
+    with pytest.raises(RuntimeError, match=r"client 1 could not be re-read \(OSError: deleted\)"):
+        rnd.add(clients[2], loader=lambda: clients[2])  # the clean layout takes the lead
 
 
 def test_model_without_scorable_layer_is_rejected():

@@ -243,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
         values = sweep_values or default_values(args.sweep, config)
         total = len(values) * n_pairs * config.rounds
         with RichProgress(total, console=console, disable=args.no_progress) as prog:
-            points = run_sweep(config, args.sweep, values=values, out_dir=out, progress=prog,
+            points = run_sweep(config, args.sweep, values=values, out_dir=out,
+                               progress=None if args.no_progress else prog,
                                plots=not args.no_plots, jobs=config.jobs)
         from .report import results_table
 
@@ -253,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         total = n_pairs * config.rounds
         with RichProgress(total, console=console, disable=args.no_progress) as prog:
-            results = run_experiments(config, out_dir=out, progress=prog,
+            results = run_experiments(config, out_dir=out,
+                                      progress=None if args.no_progress else prog,
                                       plots=not args.no_plots, jobs=config.jobs)
         print_table(results, console=console, config=config)
     console.print(f"done in {time.perf_counter() - t0:.1f} s; results in {out}/")

@@ -372,9 +372,12 @@ def prepare_start(
     make_model: Callable[[], nn.Module] | None = None,
     cache_dir: str | None = None,
     progress: Callable[[dict], None] | None = None,
+    executor=None,
+    n_workers: int = 1,
 ) -> StateDict:
     """Compute (or load) the pretrained start of ``config`` and fill the caches, so that later
-    runs (in this process, or in workers sharing ``cache_dir``) only load it."""
+    runs (in this process, or in workers sharing ``cache_dir``) only load it. A process pool
+    ``executor`` trains each pretraining round's clients in ``n_workers`` parallel chunks."""
     model_id = _model_id(make_model)
     data = data if data is not None else load_dataset(config)
     make_model = make_model if make_model is not None else model_factory(config, data)
@@ -382,7 +385,8 @@ def prepare_start(
         trainer = Trainer(config, data, make_model)
         split = client_split(config, data)
         return pretrained_state(config, data, trainer, split, cache_dir=cache_dir,
-                                model_id=model_id, progress=progress)
+                                model_id=model_id, progress=progress, executor=executor,
+                                n_workers=n_workers)
 
 
 def _call_config(attack: Attack) -> dict:

@@ -80,17 +80,24 @@ def run_pairs(
         if parallel and cache_dir is None:
             cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mars-sim-"))
         cache = None if cache_dir is None else str(cache_dir)
+        pool = None
+        if parallel:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = stack.enter_context(ProcessPoolExecutor(
+                max_workers=min(jobs, len(runs)), mp_context=mp.get_context("spawn")))
         seen: set[str] = set()
         for cfg, _, _ in runs:  # pretraining once per distinct config, before any run
             key = json.dumps(cfg.to_dict(), sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 prepare_start(cfg, data=data, make_model=make_model, cache_dir=cache,
-                              progress=progress)
+                              progress=progress, executor=pool, n_workers=jobs)
         if not parallel:
             return [run_simulation(cfg, a, d, data=data, make_model=make_model,
                                    progress=progress, cache_dir=cache) for cfg, a, d in runs]
-        return _run_parallel(runs, jobs, cache, progress, data)
+        return _run_parallel(pool, runs, cache, progress, data)
 
 
 def _picklable(obj) -> bool:
@@ -103,30 +110,28 @@ def _picklable(obj) -> bool:
     return True
 
 
-def _run_parallel(runs, jobs, cache, progress, data) -> list[RunResult]:
+def _run_parallel(pool, runs, cache, progress, data) -> list[RunResult]:
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    ctx = mp.get_context("spawn")
     with contextlib.ExitStack() as stack:
         queue = None
         if progress is not None:
-            queue = stack.enter_context(ctx.Manager()).Queue()
-        with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=ctx) as pool:
-            datasets = {}
-            for cfg, _, _ in runs:  # one dataset per distinct (dataset, test_size)
-                key = (cfg.dataset, cfg.test_size)
-                if key not in datasets:
-                    datasets[key] = data if data is not None else load_dataset(cfg)
-            futures = [pool.submit(_worker, cfg.to_dict(), a, d, cache, queue,
-                                   datasets[(cfg.dataset, cfg.test_size)])
-                       for cfg, a, d in runs]
-            pending = set(futures)
-            while pending:
-                _done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(queue, progress)
+            queue = stack.enter_context(mp.get_context("spawn").Manager()).Queue()
+        datasets = {}
+        for cfg, _, _ in runs:  # one dataset per distinct (dataset, test_size)
+            key = (cfg.dataset, cfg.test_size)
+            if key not in datasets:
+                datasets[key] = data if data is not None else load_dataset(cfg)
+        futures = [pool.submit(_worker, cfg.to_dict(), a, d, cache, queue,
+                               datasets[(cfg.dataset, cfg.test_size)])
+                   for cfg, a, d in runs]
+        pending = set(futures)
+        while pending:
+            _done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             _drain(queue, progress)
-            return [f.result() for f in futures]
+        _drain(queue, progress)
+        return [f.result() for f in futures]
 
 
 def _drain(queue, progress) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -221,6 +222,8 @@ def pretrained_state(
     cache_dir: str | Path | None = None,
     model_id: str | None = None,
     progress: Callable[[dict], None] | None = None,
+    executor=None,
+    n_workers: int = 1,
 ) -> StateDict:
     """The global model the attack window starts from (computed once per config and cached).
 
@@ -228,7 +231,9 @@ def pretrained_state(
     mean) over *all* clients, every one honest, from the seeded initial weights.
     ``"central"``: ``pretrain_epochs`` of centralised SGD on the union of the clients' data.
     ``"none"``: the initial weights. ``cache_dir`` adds an on-disk cache (safe to share; not
-    used for a user-supplied model factory, identified by ``model_id``).
+    used for a user-supplied model factory, identified by ``model_id``). With a process pool
+    ``executor`` (registry models only), each FedAvg round's clients train in ``n_workers``
+    chunks in parallel; every client keeps its own generator, so the result is the same.
     """
     key = pretrain_cache_key(config, data, model_id)
     if key in _PRETRAIN_CACHE:
@@ -246,11 +251,18 @@ def pretrained_state(
     theta = initial_state(config, trainer.make_model)
     x, y = data.train_x, data.train_y
     if config.pretrain == "fedavg":
+        parallel = executor is not None and n_workers > 1 and model_id is None
+        chunks = [list(c) for c in np.array_split(np.arange(len(client_indices)),
+                                                  max(1, n_workers)) if len(c)]
         for r in range(config.pretrain_rounds):
-            locals_ = []
-            for cid, idx in enumerate(client_indices):
-                gen = torch_generator(derive_seed(config.seed, "pretrain", r, cid))
-                locals_.append(trainer.train(theta, x[idx], y[idx], generator=gen))
+            if parallel:
+                futures = [executor.submit(_pretrain_clients_task, config.to_dict(), data, theta,
+                                           r, [(int(c), client_indices[c]) for c in chunk])
+                           for chunk in chunks]
+                locals_ = [s for f in futures for s in f.result()]
+            else:
+                locals_ = [_pretrain_client(config, trainer, theta, r, cid, idx)
+                           for cid, idx in enumerate(client_indices)]
             theta = mean_state(locals_, theta)
             if progress is not None:
                 progress({"phase": "pretrain", "round": r + 1, "total": config.pretrain_rounds})
@@ -264,10 +276,36 @@ def pretrained_state(
     _PRETRAIN_CACHE[key] = clone_state(theta)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(theta, tmp)
         tmp.replace(path)
     return theta
+
+
+def _pretrain_client(config, trainer: Trainer, theta: StateDict, r: int, cid: int,
+                     idx: np.ndarray) -> StateDict:
+    gen = torch_generator(derive_seed(config.seed, "pretrain", r, cid))
+    return trainer.train(theta, trainer.data.train_x[idx], trainer.data.train_y[idx],
+                         generator=gen)
+
+
+_WORKER_TRAINERS: dict[str, Trainer] = {}
+
+
+def _pretrain_clients_task(config_dict: dict, data: FederatedData, theta: StateDict, r: int,
+                           items: list[tuple[int, np.ndarray]]) -> list[StateDict]:
+    """Worker side of parallel pretraining: benign local training of some clients."""
+    from .config import SimConfig
+    from .models import model_factory
+
+    config = SimConfig.from_dict(config_dict)
+    key = json.dumps(config_dict, sort_keys=True) + data_fingerprint(data)
+    if key not in _WORKER_TRAINERS:
+        _WORKER_TRAINERS.clear()
+        _WORKER_TRAINERS[key] = Trainer(config, data, model_factory(config, data))
+    trainer = _WORKER_TRAINERS[key]
+    torch.set_num_threads(config.resolved_threads())
+    return [_pretrain_client(config, trainer, theta, r, cid, idx) for cid, idx in items]
 
 
 def client_split(config, data: FederatedData) -> list[np.ndarray]:

@@ -26,6 +26,7 @@ import numpy as np
 from mars_native import _core
 from mars_native._cuda_arrays import (
     Arrays,
+    _module_root,
     check_kappa,
     check_p,
     dtype_name,
@@ -34,6 +35,7 @@ from mars_native._cuda_arrays import (
     is_cuda_state,
     library,
     real_number,
+    require_backend,
     require_finite,
 )
 
@@ -48,6 +50,8 @@ __all__ = [
     "kwmeans_assign_cuda",
     "pairwise_wasserstein_cuda",
     "sort_rows_cuda",
+    "to_device_state",
+    "to_host",
     "top_k_energy_cuda",
     "trim_memory",
     "weighted_mean_cuda",
@@ -76,6 +80,35 @@ def cuda_info() -> dict[str, Any]:
     """``compiled``, ``devices``, ``device_names``, ``reason`` (why there is no device),
     ``runtime_version``, ``driver_version``, ``architectures`` (compiled GPU targets)."""
     return dict(_core.cuda.info())
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of a device array (torch CUDA tensor, CuPy array); synchronises. For the
+    small results that go on to the CPU (e.g. the CBE matrix before clustering)."""
+    return library(x, "x").to_host(x)
+
+
+def to_device_state(state: Any, device: int = 0) -> dict[str, Any]:
+    """The state_dict on ``cuda:<device>`` as torch tensors, in key order (host-to-device copies
+    of CPU tensors and NumPy arrays; CUDA tensors already on that device are kept as they are).
+    For ``MARS(device="cuda")`` given CPU models. Needs torch with CUDA and a device."""
+    require_backend()
+    import torch
+
+    from mars_native._arrays import to_numpy
+
+    dev = torch.device("cuda", int(device))
+    out: dict[str, Any] = {}
+    keys = state.keys()
+    for key in keys:
+        v = state[key]
+        if _module_root(v) == "torch":
+            out[key] = v.detach().to(dev)
+        elif is_cuda_array(v):
+            out[key] = torch.as_tensor(v, device=dev)
+        else:
+            out[key] = torch.from_numpy(np.ascontiguousarray(to_numpy(v, name=str(key)))).to(dev)
+    return out
 
 
 # ---------------------------------------------------------------------------- kernels

@@ -55,7 +55,18 @@ def is_cuda_state(state: Any) -> bool:
     return any(is_cuda_array(state[k]) for k in keys)
 
 
+def array_shape(x: Any) -> tuple[int, ...]:
+    """The shape of an array-like from its metadata (``shape``, else the CUDA array interface)."""
+    shape = getattr(x, "shape", None)
+    if shape is None and is_cuda_array(x):
+        shape = x.__cuda_array_interface__["shape"]
+    if shape is None:
+        shape = np.shape(x)
+    return tuple(int(s) for s in shape)
+
+
 def require_backend() -> None:
+    """RuntimeError (with the reason) unless the CUDA backend is compiled in and a device exists."""
     info = _core.cuda.info()
     if not info["compiled"]:
         raise RuntimeError(

@@ -20,11 +20,13 @@ from mars_native._cuda import (
 )
 from mars_native._cuda_arrays import (
     FLOAT_DTYPES,
+    array_shape,
     check_kappa,
     dtype_name,
     float_input,
     is_cuda_array,
     library,
+    require_backend,
 )
 
 __all__ = [
@@ -48,6 +50,7 @@ def aggregate_states_cuda(states: Sequence[Mapping[str, Any]], weights: Any = No
     ``num_batches_tracked``) are copied from the global model, or are the element-wise maximum
     over the clients. Keys, key order and dtypes follow the global model, else ``states[0]``;
     results stay on the device. ``weights``: as in :func:`weighted_mean_cuda`."""
+    require_backend()
     states = list(states)
     if not states:
         raise ValueError("states must not be empty")
@@ -77,7 +80,7 @@ def aggregate_states_cuda(states: Sequence[Mapping[str, Any]], weights: Any = No
 
 def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
     """Keys of the float tensors of a device state that hold NaN or Inf, in key order (the
-    checks run on the device; one synchronisation per call)."""
+    checks run on the device; one synchronisation per call). Host values are not checked."""
     all_keys = state.keys()
     keys = [k for k in all_keys if is_cuda_array(state[k])]
     if not keys:
@@ -109,9 +112,9 @@ def device_template(state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...]
             arr = to_numpy(x, name=str(key))  # host data: a view where possible, as in validation
             out[str(key)] = (tuple(int(s) for s in arr.shape), arr.dtype)
             continue
-        iface = None if hasattr(x, "dtype") else x.__cuda_array_interface__
-        shape = tuple(int(s) for s in (x.shape if iface is None else iface["shape"]))
-        name = dtype_name(x.dtype) if iface is None else np.dtype(iface["typestr"]).name
+        shape = array_shape(x)
+        name = (dtype_name(x.dtype) if hasattr(x, "dtype")
+                else np.dtype(x.__cuda_array_interface__["typestr"]).name)
         out[str(key)] = (shape, np.dtype("float32" if name == "bfloat16" else name))
     return out
 
@@ -120,8 +123,7 @@ def shape_proxy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A state_dict of zero-stride host views with the same keys and shapes (no device reads), for
     :func:`mars_native.find_layers`, which only looks at names and shapes."""
     keys = state.keys()
-    return {k: np.broadcast_to(np.zeros((), np.float32), tuple(int(s) for s in state[k].shape))
-            for k in keys}
+    return {k: np.broadcast_to(np.zeros((), np.float32), array_shape(state[k])) for k in keys}
 
 
 def bn_scale_cuda(state: Mapping[str, Any], bn_prefix: str, bn_eps: float = 1e-5,
@@ -170,6 +172,7 @@ def backdoor_energy_cuda(state: Mapping[str, Any], layers: Sequence[Any] | None 
     """BE of every scored layer of a state_dict held on the GPU (one batch of launches):
     layer name -> float64 ``(out,)`` device array. ``layers``: a :func:`mars_native.find_layers`
     result (found from the shapes when None; nothing is read back from the device)."""
+    require_backend()
     layers = find_layers_from_shapes(state, layers, include_linear, mode)
     weights, scales = layer_inputs(state, layers, bn_eps, mode)
     energies = channel_spectral_norms_batched_cuda(weights, scales, check_finite=False)
@@ -195,6 +198,7 @@ def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
     of them. ``mode="paper"``: a float64 ``(n_models, d)`` device array (rows are the CBEs).
     ``mode="official"``: a list of 1-D device arrays (lengths can differ; synchronises once).
     ``layers`` (from the first model's shapes when None) must fit every model."""
+    require_backend()
     if mode not in ("paper", "official"):
         raise ValueError(f"mode must be 'paper' or 'official', got {mode!r}")
     kappa = check_kappa(kappa)
@@ -211,9 +215,9 @@ def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
                 key = layer.weight_key
                 if key not in state:
                     raise ValueError(f"states[{i}] has no {key!r} (states[0] has it)")
-                if tuple(state[key].shape) != tuple(states[0][key].shape):
-                    raise ValueError(f"states[{i}][{key!r}] has shape {tuple(state[key].shape)} but "
-                                     f"states[0] has {tuple(states[0][key].shape)}")
+                if array_shape(state[key]) != array_shape(states[0][key]):
+                    raise ValueError(f"states[{i}][{key!r}] has shape {array_shape(state[key])} but "
+                                     f"states[0] has {array_shape(states[0][key])}")
         w, s = layer_inputs(state, layers, bn_eps, mode)
         weights += w
         scales += s

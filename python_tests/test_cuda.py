@@ -108,6 +108,9 @@ def test_compiled_without_device_reports_zero_devices_and_raises_runtime_error()
         lambda: _cuda.pairwise_wasserstein_cuda(FakeCudaArray((4, 3), "<f8")),
         lambda: _cuda.kwmeans_assign_cuda(FakeCudaArray((4, 3)), FakeCudaArray((2, 3))),
         lambda: _cuda.weighted_mean_cuda([FakeCudaArray((5,)), FakeCudaArray((5,))]),
+        lambda: _cuda.to_host(FakeCudaArray((5,))),
+        lambda: _cuda.to_device_state({"w": np.zeros(3)}),
+        lambda: _cuda.concentrated_backdoor_energy_cuda({"conv.weight": FakeCudaArray((4, 3, 3, 3))}),
     ):
         with pytest.raises(RuntimeError, match="no CUDA device is available"):
             call()

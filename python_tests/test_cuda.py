@@ -487,3 +487,16 @@ def test_device_template_reads_metadata_only():
 def test_trim_memory_is_safe_without_a_device():
     _cuda.trim_memory()  # no pool was ever created here: nothing to release, no error
     assert _core.cuda.device_count() == _cuda.cuda_info()["devices"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+def test_to_device_state_and_to_host_round_trip(torch_cuda):
+    torch, dev = torch_cuda
+    host = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.int64(7),
+            "t": torch.ones(2, dtype=torch.bfloat16)}
+    on_gpu = _cuda.to_device_state(host, dev.index)
+    assert list(on_gpu) == list(host) and all(v.device == dev for v in on_gpu.values())
+    assert on_gpu["t"].dtype == torch.bfloat16 and on_gpu["n"].dtype == torch.int64
+    assert _cuda.to_host(on_gpu["w"]).tobytes() == host["w"].tobytes()
+    assert _cuda.is_cuda_state(on_gpu) and _cuda.non_finite_keys(on_gpu) == []

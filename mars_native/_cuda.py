@@ -107,7 +107,10 @@ def to_device_state(state: Any, device: int = 0) -> dict[str, Any]:
         elif is_cuda_array(v):
             out[key] = torch.as_tensor(v, device=dev)
         else:
-            out[key] = torch.from_numpy(np.ascontiguousarray(to_numpy(v, name=str(key)))).to(dev)
+            a = to_numpy(v, name=str(key))
+            if not (a.flags.c_contiguous and a.dtype.isnative):
+                a = a.astype(a.dtype.newbyteorder("="), order="C")  # keeps 0-d arrays 0-d
+            out[key] = torch.from_numpy(a).to(dev)
     return out
 
 

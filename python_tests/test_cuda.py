@@ -498,5 +498,6 @@ def test_to_device_state_and_to_host_round_trip(torch_cuda):
     on_gpu = _cuda.to_device_state(host, dev.index)
     assert list(on_gpu) == list(host) and all(v.device == dev for v in on_gpu.values())
     assert on_gpu["t"].dtype == torch.bfloat16 and on_gpu["n"].dtype == torch.int64
+    assert tuple(on_gpu["n"].shape) == () and tuple(on_gpu["w"].shape) == (3, 4)
     assert _cuda.to_host(on_gpu["w"]).tobytes() == host["w"].tobytes()
     assert _cuda.is_cuda_state(on_gpu) and _cuda.non_finite_keys(on_gpu) == []

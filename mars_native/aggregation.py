@@ -154,11 +154,12 @@ class _Spec:
         return np.asarray(arr, dtype=self.np_dtype).reshape(self.shape)
 
 
-def _specs(state: Mapping[str, Any], template: Template | None = None) -> list[_Spec]:
-    """One spec per key of a validated ``state`` (whose template may be given), in key order."""
+def _specs(state: Mapping[str, Any]) -> list[_Spec]:
+    """One spec per key of ``state`` (a mapping of arrays), in its key order."""
     specs, offset = [], 0
-    for key, (shape, dtype) in (template or state_template(state)).items():
-        value = state[key]
+    template = state_template(state)  # (TypeError for anything that is not a state_dict)
+    for raw_key, (key, (shape, dtype)) in zip(state.keys(), template.items()):
+        value = state[raw_key]  # (state_template names keys by str(key))
         is_float = dtype.kind == "f"
         spec = _Spec(
             key=key, shape=shape, is_float=is_float,
@@ -451,6 +452,8 @@ class Round:
         t0 = time.perf_counter()
         cbe, reason = self.mars.client_cbe(state, self._fixed_template(), self.global_state)
         self._seconds += time.perf_counter() - t0
+        if reason is None and not all(isinstance(k, str) for k in state.keys()):  # noqa: SIM118
+            cbe, reason = None, "invalid_type: state_dict keys must be strings"
         client = _Client(weight=w, cbe=cbe, reason=reason, name=name)
         self._clients.append(client)
         index = len(self._clients) - 1

@@ -259,11 +259,11 @@ def test_call_errors(base, round_with_attackers):
 
 # ---------------------------------------------------------------------------------- bad clients
 CORRUPTIONS = ("nan", "inf", "missing", "extra", "shape", "dtype", "int_dtype", "not_mapping",
-               "bad_value")
+               "bad_value", "int_key")
 EXPECTED_CODE = {"nan": "non_finite", "inf": "non_finite", "missing": "missing_keys",
                  "extra": "extra_keys", "shape": "shape_mismatch", "dtype": "dtype_mismatch",
                  "int_dtype": "dtype_mismatch", "not_mapping": "invalid_type",
-                 "bad_value": "invalid_type"}
+                 "bad_value": "invalid_type", "int_key": "extra_keys"}
 
 
 def corrupt(state: OrderedDict, kind: str, key_index: int, pos: int):
@@ -289,6 +289,8 @@ def corrupt(state: OrderedDict, kind: str, key_index: int, pos: int):
         return [s[k] for k in s] if pos % 2 else None
     elif kind == "bad_value":
         s[key] = "weights"
+    elif kind == "int_key":
+        s[7] = np.zeros(3, np.float32)
     return s
 
 

@@ -76,6 +76,9 @@ def test_results_files_follow_the_design_layout(experiment):
     with open(out / "rounds.csv") as fh:
         assert len(list(csv.DictReader(fh))) == len(results) * cfg.rounds
     assert "rounds = 2" in (out / "config.toml").read_text()
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| attack | defense |") and len(md) == 2 + len(results)
+    assert "| mra | fedclp |" in "\n".join(md) and "| – | – |" in md[-1]
     for name in ("rounds-none.png", "rounds-mra.png", "cad.png", "energy-mra-mars.png"):
         assert (out / name).stat().st_size > 1000
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

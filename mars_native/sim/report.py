@@ -27,10 +27,13 @@ from .loop import RunResult, prepare_start, run_simulation
 
 __all__ = [
     "RichProgress",
+    "markdown_table",
     "print_table",
+    "resolve_jobs",
     "results_payload",
     "results_table",
     "run_experiments",
+    "run_pairs",
     "write_results",
 ]
 
@@ -237,7 +240,8 @@ def _csv_value(v: Any) -> Any:
 
 def write_results(out_dir: str | Path, config: SimConfig, results: Sequence[RunResult],
                   **meta: Any) -> dict[str, Path]:
-    """Write results.json, results.csv, rounds.csv and config.toml into ``out_dir``."""
+    """Write results.json, results.csv, rounds.csv, results.md and config.toml into
+    ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -245,6 +249,7 @@ def write_results(out_dir: str | Path, config: SimConfig, results: Sequence[RunR
         "csv": out / "results.csv",
         "rounds_csv": out / "rounds.csv",
         "config": out / "config.toml",
+        "markdown": out / "results.md",
     }
     payload = results_payload(config, results, **meta)
     paths["json"].write_text(json.dumps(payload, indent=1))
@@ -262,7 +267,24 @@ def write_results(out_dir: str | Path, config: SimConfig, results: Sequence[RunR
                 w.writerow([r.attack, r.defense, *[_csv_value(rec.get(c)) for c in ROUND_COLUMNS],
                             _csv_value(rec.get("flagged_ids")), _csv_value(rec.get("attacker_ids"))])
     paths["config"].write_text(config.to_toml())
+    paths["markdown"].write_text(markdown_table(payload["results"]) + "\n")
     return paths
+
+
+def markdown_table(rows: Sequence[dict], extra: Sequence[str] = ()) -> str:
+    """A Markdown table of result rows (``RunResult.row()`` dicts or results.json rows): one line
+    per (attack, defense), ACC/ASR (final and window mean), TPR/FPR (means), CAD, in percent."""
+    cols = ["attack", "defense", *extra, "ACC", "ASR", "TPR", "FPR", "CAD", "ACC mean",
+            "ASR mean", "rounds"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [str(r["attack"]), str(r["defense"]) + (" †" if r.get("needs_server_data") else "")]
+        vals += [str(r.get(e, "")) for e in extra]
+        vals += [_pct(r.get(k)) for k in ("acc", "asr", "tpr", "fpr", "cad", "acc_mean",
+                                           "asr_mean")]
+        vals.append(str(r.get("rounds_run", len(r.get("rounds", [])))))
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
 
 
 # -- terminal ---------------------------------------------------------------------------------------

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import mars_native
+
+# the directory that holds the mars_native being tested (the source tree after a developer build,
+# site-packages after pip install): the child process must import the same package
+PKG_PARENT = Path(mars_native.__file__).resolve().parents[1]
 
 TINY = """\
 attacks = ["mra"]
@@ -39,7 +43,7 @@ def _cmd() -> list[str]:
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(PKG_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
     env["COLUMNS"] = "160"
     return subprocess.run([*_cmd(), "simulate", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, check=False)

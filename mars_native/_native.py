@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from mars_native import _core
+from mars_native import _core, _cuda
 from mars_native._arrays import to_numpy
 
 __all__ = [
@@ -129,9 +129,13 @@ def channel_spectral_norms(
     numpy.ndarray
         float64, shape ``(out,)``: ``sigma_max(M_k) * scale[k]`` (unitless, the channel's
         Lipschitz constant). Computed from the float64 Gram matrix of the smaller side of
-        ``M_k`` and its top eigenvalue (Jacobi); relative error ~1e-15. Zero-size ``in`` or
+        ``M_k`` and its top eigenvalue (Householder + Laguerre); relative error ~1e-15. Zero-size ``in`` or
         kernel gives zeros; a channel containing NaN/Inf gives NaN.
+
+    A torch CUDA tensor or CuPy array runs on its GPU (CUDA backend) and the result stays there.
     """
+    if _cuda.is_cuda_array(weight):
+        return _cuda.channel_spectral_norms_cuda(weight, scale)
     w = _float_weight(weight, "weight")
     s = None if scale is None else _real_array(scale, "scale")
     return _core.channel_spectral_norms(w, s, _threads(n_threads))
@@ -178,6 +182,8 @@ def top_k_energy(
     numpy.ndarray
         float64, 1-D, a new array.
     """
+    if _cuda.is_cuda_array(values):  # GPU input: GPU kernel, result on the same device
+        return _cuda.top_k_energy_cuda(values, kappa, rule)
     kappa = _real_number(kappa, "kappa")
     if not isinstance(rule, str):
         raise TypeError(f"rule must be a str, got {type(rule).__name__}")
@@ -226,5 +232,7 @@ def pairwise_wasserstein(
         float64 ``(n, n)``, symmetric (bit for bit) with a zero diagonal;
         ``D[i, j] == wasserstein_1d(X[i], X[j], p)`` exactly.
     """
+    if _cuda.is_cuda_array(X):  # GPU input: GPU kernel, result on the same device
+        return _cuda.pairwise_wasserstein_cuda(X, p)
     p = _real_number(p, "p")
     return _core.pairwise_wasserstein(_real_array(X, "X"), p, _threads(n_threads))

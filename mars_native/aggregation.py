@@ -47,6 +47,7 @@ from numpy.typing import ArrayLike
 
 from mars_native import _core
 from mars_native._arrays import is_torch_tensor, to_numpy
+from mars_native._cuda_arrays import is_cuda_state
 from mars_native._native import _threads
 from mars_native.validation import Template, check_state, state_template
 
@@ -306,6 +307,12 @@ def aggregate_detected(
     contributing = [i for i in np.flatnonzero(report.accepted) if w[i] > 0]
     if not contributing:
         return _nothing_to_aggregate(report, global_state, w[report.accepted]), report
+
+    if any(is_cuda_state(states[i]) for i in contributing):  # GPU models: aggregate on the GPU
+        from mars_native._cuda_states import aggregate_states_cuda
+
+        accepted = [states[i] for i in contributing]
+        return aggregate_states_cuda(accepted, w[contributing], global_state, lr), report
 
     first_valid = int(np.flatnonzero(report.labels >= 0)[0])  # matches detect()'s template
     model = global_state if global_state is not None else states[first_valid]

@@ -21,10 +21,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mars_native._arrays import to_numpy
+from mars_native import _cuda
+from mars_native._arrays import is_mapping, to_numpy
+from mars_native._cuda_arrays import is_cuda_state
 from mars_native._native import wasserstein_1d
 from mars_native.cluster import KWMeans
-from mars_native.energy import backdoor_energy, concentrate
+from mars_native.energy import backdoor_energy, concentrate, concentrated_backdoor_energy
 from mars_native.layers import Layer, find_layers
 from mars_native.validation import (
     Template,
@@ -172,6 +174,10 @@ class MARS:
         reference: a state_dict in original key order for conv -> BN pairing (else the global
             model given to ``detect``, else names). See :func:`mars_native.find_layers`.
         layer_map: explicit conv -> BN map or an nn.Module (most trusted pairing).
+        device: "auto" (states of CUDA tensors are scored on their GPU, others on the CPU),
+            "cuda" (CPU states are copied to the GPU first; needs the CUDA backend and a
+            device) or "cpu" (CUDA states are copied to the host). The clustering of the small
+            CBE matrix always runs on the CPU.
     """
 
     def __init__(
@@ -189,6 +195,7 @@ class MARS:
         bn_eps: float = 1e-5,
         reference: Mapping[str, Any] | None = None,
         layer_map: Any = None,
+        device: Literal["auto", "cpu", "cuda"] = "auto",
     ) -> None:
         if not isinstance(kappa, (int, float)) or not (0.0 < float(kappa) <= 1.0):
             raise ValueError(f"kappa must be in (0, 1], got {kappa!r}")
@@ -214,6 +221,11 @@ class MARS:
         self.bn_eps = float(bn_eps)
         self.reference = reference
         self.layer_map = layer_map
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda" and not _cuda.cuda_available():
+            raise RuntimeError(f"MARS(device='cuda'): {_cuda.cuda_info().get('reason', 'no CUDA device')}")
+        self.device = device
         self._layer_cache: dict[tuple, list[Layer]] = {}
 
     def params(self) -> dict[str, Any]:
@@ -222,6 +234,7 @@ class MARS:
             "kappa": self.kappa, "epsilon": self.epsilon, "selection": self.selection,
             "mode": self.mode, "include_linear": self.include_linear, "p": self.p,
             "random_state": self.random_state, "n_init": self.n_init, "bn_eps": self.bn_eps,
+            "device": self.device,
         }
 
     def __repr__(self) -> str:
@@ -264,6 +277,8 @@ class MARS:
         # NaN/Inf value, so those keys are not read a second time by the finiteness check; every
         # other tensor is checked first. (When several tensors are non-finite, the reason names a
         # non-scored one before a scored one.)
+        if is_cuda_state(state):
+            return self._client_cbe_cuda(state, template, reference)
         reason = check_state(state, template, finite=False)
         if reason is not None:
             return None, reason
@@ -291,6 +306,39 @@ class MARS:
             return None, f"{code}: {msg}"
         return cbe, None
 
+    def _client_cbe_cuda(
+        self, state: Any, template: Template | None, reference: Mapping[str, Any] | None
+    ) -> tuple[np.ndarray | None, str | None]:
+        """``client_cbe`` for a state held on a GPU: validated and scored on the device; only the
+        CBE (a few hundred values) comes back to the host."""
+        reason = check_state(state, template)
+        if reason is not None:
+            return None, reason
+        try:
+            layers = self.layers_for(state, reference)
+            if not layers:
+                what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
+                return None, f"no_scorable_layer: the model has no {what}"
+            cbe = concentrated_backdoor_energy(state, self.kappa, self.mode, layers=layers,
+                                               bn_eps=self.bn_eps)
+            cbe = np.asarray(_cuda.to_host(cbe), dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            return None, f"invalid_type: {exc}"
+        if not np.isfinite(cbe).all():
+            return None, "non_finite: a scored layer has a non-finite backdoor energy"
+        return cbe, None
+
+    def _on_device(self, state: Any) -> Any:
+        """``state`` moved where ``self.device`` says (unchanged for "auto" or non-mappings)."""
+        if self.device == "auto" or not is_mapping(state):
+            return state
+        on_gpu = is_cuda_state(state)
+        if self.device == "cuda" and not on_gpu:
+            return _cuda.to_device_state(state)
+        if self.device == "cpu" and on_gpu:
+            return {k: to_numpy(state[k], name=str(k)) for k in state.keys()}  # noqa: SIM118
+        return state
+
     # ------------------------------------------------------------------ the round
     def detect(self, states: Iterable[Any], global_state: Mapping[str, Any] | None = None) -> Detection:
         """Score and cluster the clients of one round.
@@ -311,9 +359,11 @@ class MARS:
         t0 = time.perf_counter()
         if is_single_state(states):
             raise TypeError("detect() takes a list of state_dicts, got a single state_dict")
-        states = list(states)
+        states = [self._on_device(state) for state in states]
         if not states:
             raise ValueError("detect() needs at least one client state_dict; got an empty list")
+        if global_state is not None:
+            global_state = self._on_device(global_state)
         template = state_template(global_state) if global_state is not None else majority_template(states)
         cbes: list[np.ndarray | None] = []
         reasons: list[str | None] = []

@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mars_native import _cuda
 from mars_native._arrays import as_float_array, to_numpy
+from mars_native._cuda_arrays import is_cuda_state
 from mars_native._native import channel_spectral_norms, top_k_energy
 from mars_native.layers import Layer, find_layers
 
@@ -94,9 +96,13 @@ def backdoor_energy(
         n_threads: threads for the spectral norms (None: library default).
 
     Returns:
-        layer name -> BE values, float64 array of shape (out_channels,), in layer order.
+        layer name -> BE values, float64 array of shape (out_channels,), in layer order (on the
+        GPU, as device arrays, when the state_dict holds CUDA tensors).
     """
     _check_mode(mode)
+    if is_cuda_state(state_dict):
+        found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
+        return _cuda.backdoor_energy_cuda(state_dict, found, bn_eps=bn_eps, mode=mode)
     out: dict[str, np.ndarray] = {}
     for layer in _layers(state_dict, layers, include_linear, reference, layer_map, mode):
         weight = as_float_array(state_dict[layer.weight_key], name=layer.weight_key)
@@ -127,8 +133,12 @@ def concentrated_backdoor_energy(
     quantile (ties included) in channel order, like the authors' code.
 
     Raises ``ValueError`` when no layer can be scored (the message lists what was looked for).
+    A state_dict of CUDA tensors is scored on its GPU; the CBE is then a device array.
     """
     _check_mode(mode)
+    if is_cuda_state(state_dict):
+        found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
+        return _cuda.concentrated_backdoor_energy_cuda(state_dict, found, kappa, mode, bn_eps=bn_eps)
     energies = backdoor_energy(
         state_dict,
         include_linear=include_linear,

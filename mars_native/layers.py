@@ -56,7 +56,13 @@ def _join(prefix: str, leaf: str) -> str:
 def _shapes(state: Any) -> dict[str, tuple[int, ...]]:
     if not is_mapping(state):
         raise TypeError(f"expected a state_dict (mapping of name -> tensor), got {type(state).__name__}")
-    return {str(k): tuple(int(s) for s in to_numpy(state[k], name=str(k)).shape) for k in state.keys()}  # noqa: SIM118 - duck-typed mappings
+    out: dict[str, tuple[int, ...]] = {}
+    for k in state.keys():  # noqa: SIM118 - duck-typed mappings
+        shape = getattr(state[k], "shape", None)  # metadata only: no copy of GPU tensors
+        if shape is None:
+            shape = to_numpy(state[k], name=str(k)).shape
+        out[str(k)] = tuple(int(s) for s in shape)
+    return out
 
 
 def _bn_sizes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:

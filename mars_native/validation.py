@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mars_native._arrays import is_mapping, to_numpy
+from mars_native._cuda_arrays import is_cuda_state
 
 #: key -> (shape, dtype) of a state_dict.
 Template = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -24,9 +25,14 @@ def _short(keys: list[str], limit: int = 5) -> str:
 
 
 def state_template(state: Any) -> Template:
-    """The keys, shapes and dtypes of ``state`` (a mapping of name -> array/tensor)."""
+    """The keys, shapes and dtypes of ``state`` (a mapping of name -> array/tensor). Read from
+    metadata for CUDA tensors (no device access)."""
     if not is_mapping(state):
         raise TypeError(f"expected a state_dict (mapping of name -> tensor), got {type(state).__name__}")
+    if is_cuda_state(state):
+        from mars_native._cuda_states import device_template
+
+        return device_template(state)
     out: Template = {}
     for key in state.keys():  # noqa: SIM118 - duck-typed mappings (keys + __getitem__)
         arr = to_numpy(state[key], name=str(key))
@@ -82,7 +88,13 @@ def non_finite_reason(key: str, arr: np.ndarray) -> str | None:
 
 def check_finite(state: Any, skip: Collection[str] = ()) -> str | None:
     """``"non_finite: ..."`` for the first float tensor of ``state`` (a validated mapping) holding
-    a NaN/Inf value, keys in ``skip`` excepted; None when all are finite."""
+    a NaN/Inf value, keys in ``skip`` excepted; None when all are finite. CUDA tensors are
+    checked on their device."""
+    if is_cuda_state(state):
+        from mars_native._cuda_states import non_finite_keys
+
+        bad = [k for k in non_finite_keys(state) if str(k) not in skip]
+        return f"non_finite: {bad[0]!r} holds NaN/Inf value(s)" if bad else None
     for key in state.keys():  # noqa: SIM118 - duck-typed mappings (keys + __getitem__)
         if str(key) in skip:
             continue
@@ -101,38 +113,34 @@ def check_state(
     """Why ``state`` cannot be used, or ``None`` when it can.
 
     Checks, in order: it is a mapping of arrays/tensors; with a ``template``, the same keys, shapes
-    and dtypes; with ``finite`` (default), every float value is finite (all tensors, not only
-    scored layers). ``finite=False`` leaves that to the caller (MARS checks the tensors it does
-    not score with :func:`check_finite` and the scored weights through the spectral kernel, which
+    and dtypes (read from metadata, so CUDA tensors are not copied); with ``finite`` (default),
+    every float value is finite (all tensors, not only scored layers; on the GPU for CUDA
+    tensors). ``finite=False`` leaves that to the caller (MARS checks the tensors it does not
+    score with :func:`check_finite` and the scored weights through the spectral kernel, which
     returns NaN for a channel holding a NaN/Inf value, so they are read once).
     """
     if not is_mapping(state):
         return f"invalid_type: expected a state_dict mapping, got {type(state).__name__}"
-    arrays: dict[str, np.ndarray] = {}
-    for key in state.keys():  # noqa: SIM118 - duck-typed mappings (keys + __getitem__)
-        try:
-            arrays[str(key)] = to_numpy(state[key], name=str(key))
-        except TypeError as exc:
-            return f"invalid_type: {exc}"
-        if arrays[str(key)].dtype.kind not in "fiub":
-            return f"invalid_type: {key!r} has unsupported dtype {arrays[str(key)].dtype}"
-    if not arrays:
+    try:
+        layout = state_template(state)
+    except TypeError as exc:
+        return f"invalid_type: {exc}"
+    for key, (_, dtype) in layout.items():
+        if dtype.kind not in "fiub":
+            return f"invalid_type: {key!r} has unsupported dtype {dtype}"
+    if not layout:
         return "invalid_type: empty state_dict"
     if template is not None:
-        missing = [k for k in template if k not in arrays]
+        missing = [k for k in template if k not in layout]
         if missing:
             return f"missing_keys: {_short(missing)} (present in the reference model)"
-        extra = [k for k in arrays if k not in template]
+        extra = [k for k in layout if k not in template]
         if extra:
             return f"extra_keys: {_short(extra)} (absent from the reference model)"
-        for key, arr in arrays.items():
-            shape, dtype = template[key]
-            if tuple(arr.shape) != shape:
-                return f"shape_mismatch: {key!r} has shape {tuple(arr.shape)}, the reference has {shape}"
-            if arr.dtype != dtype:
-                return f"dtype_mismatch: {key!r} is {arr.dtype}, the reference is {dtype}"
-    if finite:
-        for key, arr in arrays.items():
-            if not all_finite(arr):
-                return non_finite_reason(key, arr)
-    return None
+        for key, (shape, dtype) in layout.items():
+            ref_shape, ref_dtype = template[key]
+            if shape != ref_shape:
+                return f"shape_mismatch: {key!r} has shape {shape}, the reference has {ref_shape}"
+            if dtype != ref_dtype:
+                return f"dtype_mismatch: {key!r} is {dtype}, the reference is {ref_dtype}"
+    return check_finite(state) if finite else None

@@ -168,3 +168,14 @@ def test_report_is_json_ready(cnn):
     assert back["n_clients"] == 8 and back["reason_codes"][-1] == "invalid_type"
     assert back["cbe"][-1][0] is None and "summary" not in back
     assert "cluster" in mn.MARS().detect(states).summary()
+
+
+def test_device_parameter():
+    with pytest.raises(ValueError, match="device"):
+        mn.MARS(device="tpu")  # type: ignore[arg-type]
+    if not mn.build_info()["cuda_devices"]:
+        with pytest.raises(RuntimeError, match="cuda"):
+            mn.MARS(device="cuda")
+    s = {"c.weight": np.random.default_rng(0).normal(size=(8, 3, 3, 3)).astype(np.float32)}
+    report = mn.MARS(device="cpu").detect([s, s])
+    assert report.accepted.all() and report.params["device"] == "cpu"

@@ -162,15 +162,12 @@ inline void gram_tile(const double* buf, std::int64_t nb, std::int64_t ldb, int 
 inline void gram9_stage(const float* m, std::int64_t nb, double* buf, double* gacc,
                         const char* pf, std::int64_t pf_lines) {
   constexpr std::int64_t ldb = 12;
-  __m256d a0[5], a1[5];
-  for (int t = 0; t < 5; ++t) a0[t] = a1[t] = _mm256_setzero_pd();
+  // Named accumulators (not an array) so that all eleven stay in registers across the loop.
+  __m256d a04 = _mm256_setzero_pd(), a05 = a04, a06 = a04, a07 = a04, a08 = a04;
+  __m256d a44 = a04, a45 = a04, a46 = a04, a47 = a04, a48 = a04;
   double a88 = 0.0;
-  const std::int64_t pf_per_row = (pf_lines + nb - 1) / nb;
   for (std::int64_t b = 0; b < nb; ++b) {
-    for (std::int64_t q = 0; q < pf_per_row; ++q) {
-      const std::int64_t line = b * pf_per_row + q;
-      if (line < pf_lines) prefetch(pf + line * 64);
-    }
+    if (b < pf_lines) prefetch(pf + b * 64);  // one line per row: 9 floats per row < 64 bytes
     const float* row = m + b * 9;
     double* dst = buf + b * ldb;
     const __m256d x0 = _mm256_cvtps_pd(_mm_loadu_ps(row));
@@ -179,21 +176,72 @@ inline void gram9_stage(const float* m, std::int64_t nb, double* buf, double* ga
     _mm256_storeu_pd(dst, x0);
     _mm256_storeu_pd(dst + 4, x1);
     dst[8] = x8;
-    for (int t = 0; t < 5; ++t) {
-      const __m256d bt = _mm256_broadcast_sd(dst + 4 + t);
-      a0[t] = _mm256_fmadd_pd(x0, bt, a0[t]);
-      a1[t] = _mm256_fmadd_pd(x1, bt, a1[t]);
-    }
+    // Broadcasts straight from the just-staged doubles (load-port broadcasts, store-forwarded).
+    __m256d bt = _mm256_broadcast_sd(dst + 4);
+    a04 = _mm256_fmadd_pd(x0, bt, a04);
+    a44 = _mm256_fmadd_pd(x1, bt, a44);
+    bt = _mm256_broadcast_sd(dst + 5);
+    a05 = _mm256_fmadd_pd(x0, bt, a05);
+    a45 = _mm256_fmadd_pd(x1, bt, a45);
+    bt = _mm256_broadcast_sd(dst + 6);
+    a06 = _mm256_fmadd_pd(x0, bt, a06);
+    a46 = _mm256_fmadd_pd(x1, bt, a46);
+    bt = _mm256_broadcast_sd(dst + 7);
+    a07 = _mm256_fmadd_pd(x0, bt, a07);
+    a47 = _mm256_fmadd_pd(x1, bt, a47);
+    bt = _mm256_broadcast_sd(dst + 8);
+    a08 = _mm256_fmadd_pd(x0, bt, a08);
+    a48 = _mm256_fmadd_pd(x1, bt, a48);
     a88 = std::fma(x8, x8, a88);
   }
+  const __m256d acc0[5] = {a04, a05, a06, a07, a08};
+  const __m256d acc1[5] = {a44, a45, a46, a47, a48};
   double lanes[4];
   for (int t = 0; t < 5; ++t) {
-    _mm256_storeu_pd(lanes, a0[t]);
+    _mm256_storeu_pd(lanes, acc0[t]);
     for (int l = 0; l < 4; ++l) gacc[l * 9 + 4 + t] += lanes[l];
-    _mm256_storeu_pd(lanes, a1[t]);
+    _mm256_storeu_pd(lanes, acc1[t]);
     for (int l = 0; l < 4; ++l) gacc[(4 + l) * 9 + 4 + t] += lanes[l];
   }
   gacc[8 * 9 + 8] += a88;
+}
+#endif
+
+#if defined(MARS_SIMD4_AVX2)
+// Second pass of a float32 3x3 kernel: G[0..3][0..3] from the staged rows, without broadcasts:
+// with x = row[0..3], s1 = (x1, x0, x3, x2) and s2 = (x2, x3, x0, x1), the products x*x, x*s1,
+// x*s2 and s1*s2 hold the 10 distinct entries (the 4-lane "rotation" trick): 1 load, 2 shuffles
+// and 4 fused multiply-adds per row. Two row parities keep 8 independent accumulators.
+inline void gram_sym4(const double* buf, std::int64_t nb, std::int64_t ldb, double* gacc, int c) {
+  __m256d p0[2], p1[2], p2[2], p3[2];
+  for (int u = 0; u < 2; ++u) p0[u] = p1[u] = p2[u] = p3[u] = _mm256_setzero_pd();
+  std::int64_t b = 0;
+  auto step = [&](int u, const double* row) {
+    const __m256d x = _mm256_loadu_pd(row);
+    const __m256d s1 = _mm256_permute_pd(x, 0x5);
+    const __m256d s2 = _mm256_permute2f128_pd(x, x, 0x01);
+    p0[u] = _mm256_fmadd_pd(x, x, p0[u]);
+    p1[u] = _mm256_fmadd_pd(x, s1, p1[u]);
+    p2[u] = _mm256_fmadd_pd(x, s2, p2[u]);
+    p3[u] = _mm256_fmadd_pd(s1, s2, p3[u]);
+  };
+  for (; b + 2 <= nb; b += 2) {
+    step(0, buf + b * ldb);
+    step(1, buf + (b + 1) * ldb);
+  }
+  if (b < nb) step(0, buf + b * ldb);
+  double q0[4], q1[4], q2[4], q3[4];
+  _mm256_storeu_pd(q0, _mm256_add_pd(p0[0], p0[1]));
+  _mm256_storeu_pd(q1, _mm256_add_pd(p1[0], p1[1]));
+  _mm256_storeu_pd(q2, _mm256_add_pd(p2[0], p2[1]));
+  _mm256_storeu_pd(q3, _mm256_add_pd(p3[0], p3[1]));
+  for (int l = 0; l < 4; ++l) gacc[l * c + l] += q0[l];
+  gacc[0 * c + 1] += q1[0];
+  gacc[2 * c + 3] += q1[2];
+  gacc[0 * c + 2] += q2[0];
+  gacc[1 * c + 3] += q2[1];
+  gacc[1 * c + 2] += q3[0];
+  gacc[0 * c + 3] += q3[1];
 }
 #endif
 
@@ -277,7 +325,7 @@ void gram_into_lane(const T* m, std::int64_t rows, std::int64_t cols, double s, 
       if constexpr (std::is_same<T, float>::value) {
         if (c == 9) {  // 3x3 kernels: G[0..7][4..8] and G[8][8] while staging, then G[0..3][0..3]
           gram9_stage(m + r0 * c, nb, ws.buf, gacc, next, next_lines);
-          gram_tile<4>(ws.buf, nb, ldb, 0, 0, c, gacc);
+          gram_sym4(ws.buf, nb, ldb, gacc, c);
           continue;
         }
       }

@@ -63,13 +63,21 @@ def majority_template(states: Any) -> Template | None:
     return next(first[k] for k, c in counts.items() if c == best)
 
 
+#: Arrays up to this many elements are tested element-wise (``np.isfinite(...).all()``: SIMD,
+#: its bool temporary stays in cache, no error-state context to enter); larger ones by a sum.
+_ELEMENTWISE_MAX = 1 << 21
+
+
 def all_finite(arr: np.ndarray) -> bool:
-    """True when every value of a float array is finite. One pass, no temporary: the sum of
-    finite values is finite unless it overflows, in which case the exact test decides. float32
-    and float64 are summed in their own precision (NumPy's SIMD pairwise sum, at memory speed;
-    an fp64 accumulator would convert every element and run at half that speed)."""
+    """True when every value of a float array is finite. Small arrays: an exact element-wise
+    test. Large arrays: one pass, no temporary: the sum of finite values is finite unless it
+    overflows, in which case the exact test decides; float32 and float64 are summed in their own
+    precision (NumPy's SIMD pairwise sum, at memory speed; an fp64 accumulator would convert
+    every element and run at half that speed)."""
     if arr.dtype.kind not in "fc" or arr.size == 0:
         return True
+    if arr.size <= _ELEMENTWISE_MAX:
+        return bool(np.isfinite(arr).all())
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.sum(arr) if arr.dtype.itemsize >= 4 else np.sum(arr, dtype=np.float64)
     if np.isfinite(total):

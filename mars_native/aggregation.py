@@ -83,23 +83,25 @@ def check_weights(weights: ArrayLike | None, n: int) -> np.ndarray:
     return w
 
 
+def _finite_number(value: Any, name: str) -> float:
+    """``value`` as a float; TypeError unless a real number, ValueError unless finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def check_weight(weight: Any) -> float:
     """One client's weight as a float; ``ValueError`` unless finite and ``>= 0``."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
-        raise TypeError(f"weight must be a number, got {type(weight).__name__}")
-    w = float(weight)
-    if not (math.isfinite(w) and w >= 0):
+    w = _finite_number(weight, "weight")
+    if w < 0:
         raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
     return w
 
 
 def _check_server_lr(server_lr: Any) -> float:
-    if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float, np.integer, np.floating)):
-        raise TypeError(f"server_lr must be a number, got {type(server_lr).__name__}")
-    lr = float(server_lr)
-    if not math.isfinite(lr):
-        raise ValueError(f"server_lr must be finite, got {server_lr!r}")
-    return lr
+    return _finite_number(server_lr, "server_lr")
 
 
 def _check_global(global_state: Any) -> None:

@@ -179,6 +179,15 @@ py::array accumulator_arg(const py::object& acc_obj) {
   return acc;
 }
 
+// ValueError unless `a` has as many elements as the accumulator.
+void require_same_size(const py::array& a, const char* name, const py::array& acc) {
+  if (a.size() != acc.size()) {
+    throw std::invalid_argument(std::string(name) + " has " + std::to_string(a.size()) +
+                                " elements (shape " + shape_str(a) + ") but acc has " +
+                                std::to_string(acc.size()) + " (shape " + shape_str(acc) + ")");
+  }
+}
+
 bool overlaps(const py::array& a, const py::array& b) {
   const auto* a0 = static_cast<const char*>(a.data());
   const auto* b0 = static_cast<const char*>(b.data());
@@ -194,11 +203,7 @@ py::tuple accumulate(const py::object& acc_obj, const py::object& x_obj, double 
   const Float kind = float_kind(x_obj, "x");
   auto x = py::reinterpret_borrow<py::array>(x_obj);
   require_flat(x, "x");
-  if (x.size() != acc.size()) {
-    throw std::invalid_argument("x has " + std::to_string(x.size()) + " elements (shape " +
-                                shape_str(x) + ") but acc has " + std::to_string(acc.size()) +
-                                " (shape " + shape_str(acc) + ")");
-  }
+  require_same_size(x, "x", acc);
   if (overlaps(acc, x) && acc.data() != x.data()) {
     throw std::invalid_argument("x and acc overlap in memory; pass a copy of x");
   }
@@ -250,11 +255,7 @@ py::array finalize_mean(const py::object& acc_obj, double total_weight, const py
   const Float kind = float_kind(base_obj, "base");
   auto base = py::reinterpret_borrow<py::array>(base_obj);
   require_flat(base, "base");
-  if (base.size() != acc.size()) {
-    throw std::invalid_argument("base has " + std::to_string(base.size()) + " elements (shape " +
-                                shape_str(base) + ") but acc has " + std::to_string(acc.size()) +
-                                " (shape " + shape_str(acc) + ")");
-  }
+  require_same_size(base, "base", acc);
   if (kind == Float::f32) {
     return out_kind == Float::f32 ? finalize_typed<float, float>(acc, total_weight, &base, server_lr, n_threads)
                                   : finalize_typed<float, double>(acc, total_weight, &base, server_lr, n_threads);

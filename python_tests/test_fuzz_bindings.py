@@ -109,6 +109,9 @@ SPECS: dict[str, list[st.SearchStrategy]] = {
     "set_num_threads": [st.integers(-3, 4)],
     "channel_spectral_norms": [views(raw_arrays([np.float32, np.float64, np.float16, np.int32], min_dims=1)),
                                st.one_of(st.none(), vec), threads],
+    "channel_spectral_norms_batch": [
+        st.lists(views(raw_arrays([np.float32, np.float64, np.float16, np.int32], min_dims=1)), max_size=3),
+        st.lists(st.one_of(st.none(), vec), max_size=3), threads],
     "top_k_energy": [vec, floats_any, st.sampled_from(["ceil", "quantile", "", "CEIL"])],
     "top_k_count": [floats_any, st.integers(-(2**63), 2**63 - 1)],
     "linear_quantile": [vec, floats_any],

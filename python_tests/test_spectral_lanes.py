@@ -86,3 +86,32 @@ def test_float32_extreme_magnitudes_in_one_group():
     w = rng.standard_normal((4, 20, 3, 3))
     w *= np.array([3e37, 1e-38, 1e-44 / 3, 1.0])[:, None, None, None]
     _check(w.astype(np.float32))
+
+
+def test_batch_equals_one_call_per_layer_bit_for_bit():
+    rng = np.random.default_rng(5)
+    shapes = [((64, 3, 3, 3), np.float32), ((37, 64, 3, 3), np.float32), ((16, 64, 1, 1), np.float64),
+              ((9, 3, 7, 7), np.float32), ((0, 4, 3, 3), np.float32), ((5, 0, 3), np.float64),
+              ((8, 16, 5, 5), np.float64), ((12, 4, 3, 3), np.float32), ((7, 20), np.float32)]
+    weights = [rng.standard_normal(s).astype(d) for s, d in shapes]
+    weights[1][3, 0, 0, 0] = np.nan
+    weights.append(np.asfortranarray(rng.standard_normal((6, 5, 3))))  # copied to C order
+    scales = [None if i % 3 else 0.5 + rng.random(w.shape[0]) for i, w in enumerate(weights)]
+    for threads in (1, 2, 3):
+        got = _core.channel_spectral_norms_batch(weights, scales, threads)
+        assert len(got) == len(weights)
+        for w, s, g in zip(weights, scales, got):
+            assert np.array_equal(g, _core.channel_spectral_norms(w, s, 1), equal_nan=True)
+
+
+def test_batch_validates_like_the_single_call():
+    w = np.ones((4, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="one entry"):
+        _core.channel_spectral_norms_batch([w], [], 1)
+    with pytest.raises(TypeError, match=r"weights\[1\]"):
+        _core.channel_spectral_norms_batch([w, w.astype(np.int32)], [None, None], 1)
+    with pytest.raises(ValueError, match=r"scales\[0\]"):
+        _core.channel_spectral_norms_batch([w], [np.array([1.0, np.inf, 1.0, 1.0])], 1)
+    with pytest.raises(ValueError, match=r"scales\[0\] must have shape \(4,\)"):
+        _core.channel_spectral_norms_batch([w], [np.ones(3)], 1)
+    assert _core.channel_spectral_norms_batch([], [], 1) == []

@@ -2,6 +2,9 @@
 #include "common.hpp"
 #include "mars/spectral.hpp"
 
+#include <string>
+#include <vector>
+
 namespace mars_bindings {
 
 namespace {
@@ -64,6 +67,93 @@ py::array_t<double> channel_spectral_norms(const py::object& weight_obj, const p
                 : spectral_typed<double>(weight, sp, n_threads);
 }
 
+// The layers of one dtype: contiguous arrays kept alive, their views, their results.
+template <typename T>
+struct Batch {
+  using Contig = py::array_t<T, py::array::c_style | py::array::forcecast>;
+  std::vector<Contig> arrays;
+  std::vector<mars::spectral::LayerView<T>> views;
+  std::vector<std::size_t> index;  // position of each layer in the caller's list
+};
+
+template <typename T>
+void add_layer(Batch<T>& batch, const py::array& weight, const DoubleArray* scale,
+               py::array_t<double>& result, std::size_t i) {
+  typename Batch<T>::Contig w = Batch<T>::Contig::ensure(weight);
+  if (!w) throw py::error_already_set();
+  std::int64_t cols = 1;
+  for (py::ssize_t d = 2; d < w.ndim(); ++d) cols *= w.shape(d);
+  batch.views.push_back({w.data(), w.shape(0), w.shape(1), cols,
+                         scale ? scale->data() : nullptr, result.mutable_data()});
+  batch.arrays.push_back(std::move(w));
+  batch.index.push_back(i);
+}
+
+py::list channel_spectral_norms_batch(const py::sequence& weights, const py::sequence& scales,
+                                      int n_threads) {
+  n_threads = threads_arg(n_threads);
+  const std::size_t n = static_cast<std::size_t>(py::len(weights));
+  if (static_cast<std::size_t>(py::len(scales)) != n) {
+    throw std::invalid_argument("scales must have one entry (an array or None) per weight: " +
+                                std::to_string(n) + " weights, " +
+                                std::to_string(py::len(scales)) + " scales");
+  }
+  Batch<float> f32;
+  Batch<double> f64;
+  std::vector<DoubleArray> scale_arrays(n);
+  std::vector<bool> has_scale(n, false);
+  std::vector<py::array_t<double>> results;
+  results.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::string name = "weights[" + std::to_string(i) + "]";
+    py::array weight = py::array::ensure(weights[i]);
+    if (!weight) {
+      PyErr_Clear();
+      throw py::type_error(name + " must be a float32 or float64 array");
+    }
+    const bool is_f32 = weight.dtype().equal(py::dtype::of<float>());
+    if (!is_f32 && !weight.dtype().equal(py::dtype::of<double>())) {
+      throw py::type_error(name + " must be a float32 or float64 array, got " + describe(weight));
+    }
+    if (weight.ndim() < 2) {
+      throw std::invalid_argument(name + " must have ndim >= 2, got shape " + shape_str(weight));
+    }
+    const py::object scale_obj = scales[i];
+    if (!scale_obj.is_none()) {
+      const std::string sname = "scales[" + std::to_string(i) + "]";
+      scale_arrays[i] = as_float64(scale_obj, sname.c_str());
+      if (scale_arrays[i].ndim() != 1 || scale_arrays[i].shape(0) != weight.shape(0)) {
+        throw std::invalid_argument(sname + " must have shape (" + std::to_string(weight.shape(0)) +
+                                    ",) to match " + name + " of shape " + shape_str(weight) +
+                                    ", got " + shape_str(scale_arrays[i]));
+      }
+      require_finite(scale_arrays[i], sname.c_str());
+      has_scale[i] = true;
+    }
+    results.emplace_back(static_cast<py::ssize_t>(weight.shape(0)));
+    const DoubleArray* sp = has_scale[i] ? &scale_arrays[i] : nullptr;
+    if (is_f32) {
+      add_layer(f32, weight, sp, results.back(), i);
+    } else {
+      add_layer(f64, weight, sp, results.back(), i);
+    }
+  }
+  {
+    py::gil_scoped_release release;
+    if (!f32.views.empty()) {
+      mars::spectral::channel_spectral_norms_batch(f32.views.data(),
+                                                   static_cast<std::int64_t>(f32.views.size()), n_threads);
+    }
+    if (!f64.views.empty()) {
+      mars::spectral::channel_spectral_norms_batch(f64.views.data(),
+                                                   static_cast<std::int64_t>(f64.views.size()), n_threads);
+    }
+  }
+  py::list out;
+  for (auto& r : results) out.append(r);
+  return out;
+}
+
 }  // namespace
 
 void register_spectral(py::module_& m) {
@@ -71,6 +161,12 @@ void register_spectral(py::module_& m) {
         py::arg("scale") = py::none(), py::arg("n_threads") = 0,
         "Largest singular value of every output channel (weight[k] reshaped to (in, prod(kernel))),"
         " times scale[k]. weight: float32/float64 (out, in, *kernel); returns float64 (out,).");
+  m.def("channel_spectral_norms_batch", &channel_spectral_norms_batch, py::arg("weights"),
+        py::arg("scales"), py::arg("n_threads") = 0,
+        "channel_spectral_norms of many layers in one call (one parallel region, GIL released): "
+        "weights: list of float32/float64 (out, in, *kernel) arrays; scales: list of (out,) "
+        "float64 arrays or None. Returns a list of float64 (out,) arrays, bit-identical to one "
+        "call per layer.");
 }
 
 }  // namespace mars_bindings

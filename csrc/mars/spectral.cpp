@@ -300,6 +300,7 @@ struct Workspace {
   std::vector<double> gacc;   // one channel's Gram, c x c (upper triangle used)
   std::vector<double> lanes;  // the group's Gram matrices, lane-interleaved (n x n x 4)
   std::vector<V4> eig;        // topeig workspace
+  std::int64_t rows = -1, cols = -1;  // the layout the buffers were prepared for
 };
 
 // Writes the (n x n) Gram matrix of channel m into lane `lane` of ws.lanes (both triangles):
@@ -370,76 +371,131 @@ void gram_into_lane(const T* m, std::int64_t rows, std::int64_t cols, double s, 
   }
 }
 
+// Prepares ws for channels of shape (rows, cols) with Gram order n > 1: zeroed staging buffer
+// (rows staged with a stride of round_up4(cols) doubles: 32-byte aligned, no vector load
+// crosses a cache line; the padding columns must read as zero), Gram and eigen scratch. A no-op
+// when ws already has this layout.
+inline void prepare(Workspace& ws, std::int64_t rows, std::int64_t cols) {
+  if (ws.rows == rows && ws.cols == cols) return;
+  const bool by_columns = cols <= rows;
+  const std::int64_t n = by_columns ? cols : rows;
+  const std::int64_t ld = round_up4(cols);
+  const std::int64_t staged =
+      by_columns ? std::max<std::int64_t>(8, kBlockDoubles / ld) * ld : rows * ld;
+  ws.buf_storage.assign(static_cast<std::size_t>(staged / 4), simd4::zero());
+  ws.buf = reinterpret_cast<double*>(ws.buf_storage.data());
+  ws.gacc.assign(static_cast<std::size_t>(by_columns ? n * n : 1), 0.0);
+  ws.lanes.assign(static_cast<std::size_t>(n * n * kGroup), 0.0);
+  ws.eig.resize(static_cast<std::size_t>(topeig::workspace_vectors(static_cast<int>(n))));
+  ws.rows = rows;
+  ws.cols = cols;
+}
+
+// result[k] for channels k in [begin, end) of the (out, rows, cols) weight w; rows * cols > 0.
+// Channels go 4 at a time (SIMD lanes) from `begin`; a channel's value does not depend on the
+// range it is computed in.
+template <typename T>
+void channel_range(const T* w, std::int64_t rows, std::int64_t cols, const double* scale,
+                   double* result, std::int64_t begin, std::int64_t end, Workspace& ws) {
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  const std::int64_t per_channel = rows * cols;
+  const std::int64_t n = cols <= rows ? cols : rows;  // Gram of the smaller side
+  if (n == 1) {
+    for (std::int64_t k = begin; k < end; ++k) {
+      const T* m = w + k * per_channel;
+      const double s = std::is_same<T, double>::value ? channel_scale(m, per_channel) : 1.0;
+      double sigma = kNaN;
+      if (!std::isnan(s)) {
+        const double lambda = sum_squares(m, per_channel, s);
+        if (std::isfinite(lambda)) sigma = std::sqrt(lambda) / s;
+      }
+      result[k] = scale ? sigma * scale[k] : sigma;
+    }
+    return;
+  }
+  prepare(ws, rows, cols);
+  const int nn = static_cast<int>(n);
+  for (std::int64_t k0 = begin; k0 < end; k0 += kGroup) {
+    const int used = static_cast<int>(std::min<std::int64_t>(kGroup, end - k0));
+    double sc[kGroup] = {1.0, 1.0, 1.0, 1.0};
+    bool bad[kGroup] = {false, false, false, false};
+    for (int l = 0; l < kGroup; ++l) {
+      bool fill_zero = l >= used;
+      if (!fill_zero) {
+        const T* m = w + (k0 + l) * per_channel;
+        if (std::is_same<T, double>::value) sc[l] = channel_scale(m, per_channel);
+        bad[l] = std::isnan(sc[l]);
+        if (!bad[l]) {
+          gram_into_lane(m, rows, cols, sc[l], l, ws);
+          // A NaN/Inf input value makes its diagonal entry (a sum of squares) non-finite.
+          double trace = 0.0;
+          for (std::int64_t i = 0; i < n; ++i) trace += ws.lanes[(i * n + i) * kGroup + l];
+          bad[l] = !std::isfinite(trace);
+        }
+        fill_zero = bad[l];
+      }
+      if (fill_zero) {  // a finite placeholder (the zero matrix) for unused and bad lanes
+        for (std::int64_t i = 0; i < n * n; ++i) ws.lanes[i * kGroup + l] = 0.0;
+      }
+    }
+    double lambda[kGroup];
+    simd4::store(lambda, topeig::max_eigenvalue4(ws.lanes.data(), nn, ws.eig.data()));
+    for (int l = 0; l < used; ++l) {
+      const double sigma = bad[l] ? kNaN : std::sqrt(std::max(lambda[l], 0.0)) / sc[l];
+      result[k0 + l] = scale ? sigma * scale[k0 + l] : sigma;
+    }
+  }
+}
+
 template <typename T>
 void spectral_impl(const T* w, std::int64_t out, std::int64_t rows, std::int64_t cols,
                    const double* scale, double* result, int n_threads) {
-  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
   if (out <= 0) return;
   const std::int64_t per_channel = rows * cols;
   if (per_channel == 0) {
     std::fill(result, result + out, 0.0);
     return;
   }
-  const bool by_columns = cols <= rows;  // Gram of the smaller side
-  const std::int64_t n = by_columns ? cols : rows;
   const std::int64_t grain = std::max<std::int64_t>(kGroup, 32768 / per_channel);
-  if (n == 1) {
-    parallel::parallel_for(out, n_threads, grain, [&](std::int64_t begin, std::int64_t end) {
-      for (std::int64_t k = begin; k < end; ++k) {
-        const T* m = w + k * per_channel;
-        const double s = std::is_same<T, double>::value ? channel_scale(m, per_channel) : 1.0;
-        double sigma = kNaN;
-        if (!std::isnan(s)) {
-          const double lambda = sum_squares(m, per_channel, s);
-          if (std::isfinite(lambda)) sigma = std::sqrt(lambda) / s;
-        }
-        result[k] = scale ? sigma * scale[k] : sigma;
-      }
-    });
-    return;
-  }
-  const int nn = static_cast<int>(n);
   parallel::parallel_for(out, n_threads, grain, [&](std::int64_t begin, std::int64_t end) {
     Workspace ws;
-    // Rows are staged with a stride of round_up4(cols) doubles (32-byte aligned rows: no
-    // vector load crosses a cache line).
-    const std::int64_t ld = round_up4(cols);
-    const std::int64_t staged = by_columns ? std::max<std::int64_t>(8, kBlockDoubles / ld) * ld
-                                           : rows * ld;
-    ws.buf_storage.assign(static_cast<std::size_t>(staged / 4), simd4::zero());
-    ws.buf = reinterpret_cast<double*>(ws.buf_storage.data());
-    ws.gacc.assign(static_cast<std::size_t>(by_columns ? n * n : 1), 0.0);
-    ws.lanes.assign(static_cast<std::size_t>(n * n * kGroup), 0.0);
-    ws.eig.resize(static_cast<std::size_t>(topeig::workspace_vectors(nn)));
-    for (std::int64_t k0 = begin; k0 < end; k0 += kGroup) {
-      const int used = static_cast<int>(std::min<std::int64_t>(kGroup, end - k0));
-      double sc[kGroup] = {1.0, 1.0, 1.0, 1.0};
-      bool bad[kGroup] = {false, false, false, false};
-      for (int l = 0; l < kGroup; ++l) {
-        bool fill_zero = l >= used;
-        if (!fill_zero) {
-          const T* m = w + (k0 + l) * per_channel;
-          if (std::is_same<T, double>::value) sc[l] = channel_scale(m, per_channel);
-          bad[l] = std::isnan(sc[l]);
-          if (!bad[l]) {
-            gram_into_lane(m, rows, cols, sc[l], l, ws);
-            // A NaN/Inf input value makes its diagonal entry (a sum of squares) non-finite.
-            double trace = 0.0;
-            for (std::int64_t i = 0; i < n; ++i) trace += ws.lanes[(i * n + i) * kGroup + l];
-            bad[l] = !std::isfinite(trace);
-          }
-          fill_zero = bad[l];
-        }
-        if (fill_zero) {  // a finite placeholder (the zero matrix) for unused and bad lanes
-          for (std::int64_t i = 0; i < n * n; ++i) ws.lanes[i * kGroup + l] = 0.0;
-        }
-      }
-      double lambda[kGroup];
-      simd4::store(lambda, topeig::max_eigenvalue4(ws.lanes.data(), nn, ws.eig.data()));
-      for (int l = 0; l < used; ++l) {
-        const double sigma = bad[l] ? kNaN : std::sqrt(std::max(lambda[l], 0.0)) / sc[l];
-        result[k0 + l] = scale ? sigma * scale[k0 + l] : sigma;
-      }
+    channel_range(w, rows, cols, scale, result, begin, end, ws);
+  });
+}
+
+// Many layers in one parallel region: the channels of every layer are cut into tasks of about
+// equal work (whole SIMD groups, at least kTaskElems elements), and the tasks are split over the
+// threads in order. Values are those of one call per layer, bit for bit.
+constexpr std::int64_t kTaskElems = 1 << 16;
+
+template <typename T>
+void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int n_threads) {
+  struct Task {
+    std::int64_t layer, begin, end;
+  };
+  std::vector<Task> tasks;
+  std::int64_t total = 0;
+  for (std::int64_t i = 0; i < n_layers; ++i) total += layers[i].out * layers[i].rows * layers[i].cols;
+  const int threads = parallel::resolve_threads(n_threads);
+  const std::int64_t target = std::max<std::int64_t>(kTaskElems, total / (16 * threads));
+  for (std::int64_t i = 0; i < n_layers; ++i) {
+    const LayerView<T>& L = layers[i];
+    if (L.out <= 0) continue;
+    const std::int64_t per_channel = L.rows * L.cols;
+    if (per_channel == 0) {
+      std::fill(L.result, L.result + L.out, 0.0);
+      continue;
+    }
+    std::int64_t step = std::max<std::int64_t>(1, target / per_channel);
+    step = (step + kGroup - 1) / kGroup * kGroup;
+    for (std::int64_t b = 0; b < L.out; b += step) tasks.push_back({i, b, std::min(L.out, b + step)});
+  }
+  const std::int64_t n_tasks = static_cast<std::int64_t>(tasks.size());
+  parallel::parallel_for(n_tasks, n_threads, 1, [&](std::int64_t begin, std::int64_t end) {
+    Workspace ws;
+    for (std::int64_t t = begin; t < end; ++t) {
+      const LayerView<T>& L = layers[tasks[t].layer];
+      channel_range(L.weight, L.rows, L.cols, L.scale, L.result, tasks[t].begin, tasks[t].end, ws);
     }
   });
 }
@@ -456,6 +512,16 @@ void channel_spectral_norms(const double* weight, std::int64_t out, std::int64_t
                             std::int64_t cols, const double* scale, double* result,
                             int n_threads) {
   spectral_impl(weight, out, rows, cols, scale, result, n_threads);
+}
+
+void channel_spectral_norms_batch(const LayerView<float>* layers, std::int64_t n_layers,
+                                  int n_threads) {
+  spectral_batch_impl(layers, n_layers, n_threads);
+}
+
+void channel_spectral_norms_batch(const LayerView<double>* layers, std::int64_t n_layers,
+                                  int n_threads) {
+  spectral_batch_impl(layers, n_layers, n_threads);
 }
 
 }  // namespace spectral

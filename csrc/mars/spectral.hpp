@@ -33,5 +33,22 @@ void channel_spectral_norms(const double* weight, std::int64_t out, std::int64_t
                             std::int64_t cols, const double* scale, double* result,
                             int n_threads);
 
+// One layer of a batch: the arguments of channel_spectral_norms.
+template <typename T>
+struct LayerView {
+  const T* weight;
+  std::int64_t out, rows, cols;
+  const double* scale;  // may be null
+  double* result;
+};
+
+// channel_spectral_norms for every layer of the list, in one parallel region (tasks of about
+// equal work spread over the threads): the per-call overhead is paid once for a whole model.
+// Results are bit-identical to one channel_spectral_norms call per layer.
+void channel_spectral_norms_batch(const LayerView<float>* layers, std::int64_t n_layers,
+                                  int n_threads);
+void channel_spectral_norms_batch(const LayerView<double>* layers, std::int64_t n_layers,
+                                  int n_threads);
+
 }  // namespace spectral
 }  // namespace mars

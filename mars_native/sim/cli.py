@@ -23,9 +23,10 @@ results.json, results.csv, rounds.csv, config.toml and PNG plots to --out."""
 
 EPILOG = """\
 presets (--preset; flags and --config override them):
-  default  what runs with no arguments: attacks mra,3dfed x defenses fedavg,mars,multikrum,flame,
-           3 attack rounds after 10 clean FedAvg rounds, 20 clients / 4 attackers
-           (a few minutes on 2 CPU cores; pretraining is cached in OUT/cache).
+  default  what runs with no arguments: attacks mra,cerp,3dfed x defenses fedavg,mars, 3 attack
+           rounds after 30 clean FedAvg rounds, 20 clients / 4 attackers, digits, 64-128-256 CNN
+           (a few minutes on 2 CPU cores; the pretrained start is cached in OUT/cache, so a
+           second run skips the clean rounds).
   paper    the spec's full scaled-down protocol: 30 pretraining rounds, 20 attack rounds, every
            attack and every defense (hours on 2 cores; pick subsets with --attack/--defense).
   quick    smoke test in seconds (tiny model; numbers are not meaningful).

@@ -299,7 +299,8 @@ struct Workspace {
   double* buf = nullptr;
   std::vector<double> gacc;   // one channel's Gram, c x c (upper triangle used)
   std::vector<double> lanes;  // the group's Gram matrices, lane-interleaved (n x n x 4)
-  std::vector<V4> eig;        // topeig workspace
+  std::vector<double> lanes2;  // a second group (8 channels per eigen-solve)
+  std::vector<V4> eig, eig2;   // topeig workspace for each group
   std::int64_t rows = -1, cols = -1;  // the layout the buffers were prepared for
 };
 
@@ -307,9 +308,9 @@ struct Workspace {
 // (sM)^T (sM) when cols <= rows (n = cols), else (sM)(sM)^T (n = rows). Sums in fp64, in a fixed
 // order (blocks of rows, then tiles), independent of the lane and of the thread.
 template <typename T>
-void gram_into_lane(const T* m, std::int64_t rows, std::int64_t cols, double s, int lane,
-                    Workspace& ws) {
-  double* out = ws.lanes.data() + lane;
+void gram_into_lane(const T* m, std::int64_t rows, std::int64_t cols, double s, double* lanes,
+                    int lane, Workspace& ws) {
+  double* out = lanes + lane;
   if (cols <= rows) {
     const int c = static_cast<int>(cols);
     const std::int64_t ldb = round_up4(c);
@@ -386,7 +387,9 @@ inline void prepare(Workspace& ws, std::int64_t rows, std::int64_t cols) {
   ws.buf = reinterpret_cast<double*>(ws.buf_storage.data());
   ws.gacc.assign(static_cast<std::size_t>(by_columns ? n * n : 1), 0.0);
   ws.lanes.assign(static_cast<std::size_t>(n * n * kGroup), 0.0);
+  ws.lanes2.assign(static_cast<std::size_t>(n * n * kGroup), 0.0);
   ws.eig.resize(static_cast<std::size_t>(topeig::workspace_vectors(static_cast<int>(n))));
+  ws.eig2.resize(ws.eig.size());
   ws.rows = rows;
   ws.cols = cols;
 }
@@ -415,34 +418,62 @@ void channel_range(const T* w, std::int64_t rows, std::int64_t cols, const doubl
   }
   prepare(ws, rows, cols);
   const int nn = static_cast<int>(n);
-  for (std::int64_t k0 = begin; k0 < end; k0 += kGroup) {
-    const int used = static_cast<int>(std::min<std::int64_t>(kGroup, end - k0));
-    double sc[kGroup] = {1.0, 1.0, 1.0, 1.0};
-    bool bad[kGroup] = {false, false, false, false};
+  // Fills the 4 lanes of `lanes` with the Grams of channels k0 .. k0 + used - 1 (zero matrices
+  // for unused lanes and for channels holding NaN/Inf, which are flagged in bad).
+  auto fill = [&](std::int64_t k0, int used, double* lanes, double* sc, bool* bad) {
     for (int l = 0; l < kGroup; ++l) {
+      sc[l] = 1.0;
+      bad[l] = false;
       bool fill_zero = l >= used;
       if (!fill_zero) {
         const T* m = w + (k0 + l) * per_channel;
         if (std::is_same<T, double>::value) sc[l] = channel_scale(m, per_channel);
         bad[l] = std::isnan(sc[l]);
         if (!bad[l]) {
-          gram_into_lane(m, rows, cols, sc[l], l, ws);
+          gram_into_lane(m, rows, cols, sc[l], lanes, l, ws);
           // A NaN/Inf input value makes its diagonal entry (a sum of squares) non-finite.
           double trace = 0.0;
-          for (std::int64_t i = 0; i < n; ++i) trace += ws.lanes[(i * n + i) * kGroup + l];
+          for (std::int64_t i = 0; i < n; ++i) trace += lanes[(i * n + i) * kGroup + l];
           bad[l] = !std::isfinite(trace);
         }
         fill_zero = bad[l];
       }
       if (fill_zero) {  // a finite placeholder (the zero matrix) for unused and bad lanes
-        for (std::int64_t i = 0; i < n * n; ++i) ws.lanes[i * kGroup + l] = 0.0;
+        for (std::int64_t i = 0; i < n * n; ++i) lanes[i * kGroup + l] = 0.0;
       }
     }
-    double lambda[kGroup];
-    simd4::store(lambda, topeig::max_eigenvalue4(ws.lanes.data(), nn, ws.eig.data()));
+  };
+  auto finish = [&](std::int64_t k0, int used, const double* lambda, const double* sc,
+                    const bool* bad) {
     for (int l = 0; l < used; ++l) {
       const double sigma = bad[l] ? kNaN : std::sqrt(std::max(lambda[l], 0.0)) / sc[l];
       result[k0 + l] = scale ? sigma * scale[k0 + l] : sigma;
+    }
+  };
+  // Eight channels per eigen-solve when there are more than four left (two lane groups whose
+  // Laguerre iterations interleave), else four.
+  for (std::int64_t k0 = begin; k0 < end;) {
+    const std::int64_t left = end - k0;
+    double sc[2 * kGroup], lambda[2 * kGroup];
+    bool bad[2 * kGroup];
+    if (left > kGroup) {
+      const int used2 = static_cast<int>(std::min<std::int64_t>(kGroup, left - kGroup));
+      fill(k0, kGroup, ws.lanes.data(), sc, bad);
+      fill(k0 + kGroup, used2, ws.lanes2.data(), sc + kGroup, bad + kGroup);
+      V4 out[2];
+      topeig::max_eigenvalue8(ws.lanes.data(), ws.lanes2.data(), nn, ws.eig.data(), ws.eig2.data(),
+                              out);
+      simd4::store(lambda, out[0]);
+      simd4::store(lambda + kGroup, out[1]);
+      finish(k0, kGroup, lambda, sc, bad);
+      finish(k0 + kGroup, used2, lambda + kGroup, sc + kGroup, bad + kGroup);
+      k0 += kGroup + used2;
+    } else {
+      const int used = static_cast<int>(left);
+      fill(k0, used, ws.lanes.data(), sc, bad);
+      simd4::store(lambda, topeig::max_eigenvalue4(ws.lanes.data(), nn, ws.eig.data()));
+      finish(k0, used, lambda, sc, bad);
+      k0 += used;
     }
   }
 }

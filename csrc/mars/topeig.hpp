@@ -93,66 +93,90 @@ inline void tridiagonalize(double* a, int n, V4* d, V4* e, V4* u, V4* p) {
   d[n - 1] = load(at(n - 1, n - 1));
 }
 
-// Largest eigenvalue of the symmetric tridiagonal matrices (d, e) of order n >= 1, one per lane,
-// assumed finite. Returns max(d) for lanes whose Gershgorin bound is <= 0.
-inline V4 tridiagonal_max_eigenvalue(const V4* d, const V4* e, int n, V4* c) {
+// Largest eigenvalue of the symmetric tridiagonal matrices (d[k], e[k]) of order n >= 1 for K
+// sets of 4 lanes at once (K independent Laguerre iterations share one loop, so their division
+// chains overlap); c[k]: n V4 of scratch each. Lanes whose Gershgorin bound is <= 0 (all-zero
+// matrices) return max(d). Every lane's value depends on its own lane only.
+template <int K>
+inline void tridiagonal_max_eigenvalues(const V4* const* d, const V4* const* e, int n,
+                                        V4* const* c, V4* out) {
   using namespace simd4;
-  V4 bound = d[0];
-  V4 cmax = splat(1.0);
-  {
-    V4 dmax = d[0];
+  V4 x[K];
+  M4 done[K];
+  V4 pivmin[K];
+  for (int k = 0; k < K; ++k) {
+    V4 bound = d[k][0], dmax = d[k][0], cmax = splat(1.0);
     for (int i = 0; i < n; ++i) {
       V4 r = zero();
-      if (i > 0) r = r + abs(e[i - 1]);
-      if (i + 1 < n) r = r + abs(e[i]);
-      bound = max(bound, d[i] + r);
-      dmax = max(dmax, d[i]);
+      if (i > 0) r = r + abs(e[k][i - 1]);
+      if (i + 1 < n) r = r + abs(e[k][i]);
+      bound = max(bound, d[k][i] + r);
+      dmax = max(dmax, d[k][i]);
     }
     for (int i = 0; i + 1 < n; ++i) {
-      c[i] = e[i] * e[i];
-      cmax = max(cmax, c[i]);
+      c[k][i] = e[k][i] * e[k][i];
+      cmax = max(cmax, c[k][i]);
     }
-    // Lanes with a non-positive bound (an all-zero matrix) are done: the answer is max(d).
-    M4 done = ~(bound > zero());
-    V4 x = select(done, dmax, bound * splat(1.0 + 0x1p-8));
+    done[k] = ~(bound > zero());
+    x[k] = select(done[k], dmax, bound * splat(1.0 + 0x1p-8));
     // Pivots smaller than pivmin in magnitude are replaced by -pivmin (LAPACK dstebz's guard):
     // only reachable when x is within rounding of an eigenvalue of a leading block.
-    const V4 pivmin = splat(DBL_MIN) * cmax;
-    const V4 fn = splat(static_cast<double>(n));
-    const V4 fn1 = splat(static_cast<double>(n - 1));
-    const V4 stop = splat(kStopRel);
-    for (int iter = 0; iter < kMaxIter && !all(done); ++iter) {
-      // f = log|p|: f' = sum q_i'/q_i, f'' = sum (q_i''/q_i - (q_i'/q_i)^2).
-      V4 q = d[0] - x;
-      q = select(abs(q) < pivmin, zero() - pivmin, q);
-      V4 r = splat(1.0) / q;
-      V4 qp = splat(-1.0), qpp = zero();
-      V4 g1 = zero() - r;      // q'/q with q' = -1
-      V4 f2 = zero() - r * r;  // q''/q - (q'/q)^2 with q'' = 0
-      for (int i = 1; i < n; ++i) {
-        const V4 cr = c[i - 1] * r;
-        const V4 qn = (d[i] - x) - cr;
-        const V4 qpn = fmadd(cr * r, qp, splat(-1.0));
-        const V4 qppn = (cr * r) * fnmadd(splat(2.0) * qp * qp, r, qpp);
-        q = select(abs(qn) < pivmin, zero() - pivmin, qn);
-        r = splat(1.0) / q;
-        qp = qpn;
-        qpp = qppn;
-        const V4 t = qp * r;
-        g1 = g1 + t;
-        f2 = f2 + fnmadd(t, t, qpp * r);
-      }
-      // Laguerre: a = n / (G + sqrt((n - 1) (n H - G^2))), H = -f''; G > 0 above the roots.
-      const V4 h = zero() - f2;
-      const V4 disc = max(fn1 * fnmadd(g1, g1, fn * h), zero());
-      const V4 step = fn / (g1 + sqrt(disc));
-      const M4 move = (step > zero()) & ~done;
-      x = select(move, x - step, x);
-      // A lane is done when its step is tiny, non-positive or NaN.
-      done = done | ~(step > stop * x);
-    }
-    return x;
+    pivmin[k] = splat(DBL_MIN) * cmax;
   }
+  const V4 fn = splat(static_cast<double>(n));
+  const V4 fn1 = splat(static_cast<double>(n - 1));
+  const V4 stop = splat(kStopRel);
+  auto all_done = [&]() {
+    for (int k = 0; k < K; ++k) {
+      if (!all(done[k])) return false;
+    }
+    return true;
+  };
+  for (int iter = 0; iter < kMaxIter && !all_done(); ++iter) {
+    // f = log|p|: f' = sum q_i'/q_i, f'' = sum (q_i''/q_i - (q_i'/q_i)^2).
+    V4 q[K], r[K], qp[K], qpp[K], g1[K], f2[K];
+    for (int k = 0; k < K; ++k) {
+      q[k] = d[k][0] - x[k];
+      q[k] = select(abs(q[k]) < pivmin[k], zero() - pivmin[k], q[k]);
+      r[k] = splat(1.0) / q[k];
+      qp[k] = splat(-1.0);
+      qpp[k] = zero();
+      g1[k] = zero() - r[k];         // q'/q with q' = -1
+      f2[k] = zero() - r[k] * r[k];  // q''/q - (q'/q)^2 with q'' = 0
+    }
+    for (int i = 1; i < n; ++i) {
+      for (int k = 0; k < K; ++k) {
+        const V4 cr = c[k][i - 1] * r[k];
+        const V4 qn = (d[k][i] - x[k]) - cr;
+        const V4 qpn = fmadd(cr * r[k], qp[k], splat(-1.0));
+        const V4 qppn = (cr * r[k]) * fnmadd(splat(2.0) * qp[k] * qp[k], r[k], qpp[k]);
+        q[k] = select(abs(qn) < pivmin[k], zero() - pivmin[k], qn);
+        r[k] = splat(1.0) / q[k];
+        qp[k] = qpn;
+        qpp[k] = qppn;
+        const V4 t = qp[k] * r[k];
+        g1[k] = g1[k] + t;
+        f2[k] = f2[k] + fnmadd(t, t, qpp[k] * r[k]);
+      }
+    }
+    for (int k = 0; k < K; ++k) {
+      // Laguerre: a = n / (G + sqrt((n - 1) (n H - G^2))), H = -f''; G > 0 above the roots.
+      const V4 h = zero() - f2[k];
+      const V4 disc = max(fn1 * fnmadd(g1[k], g1[k], fn * h), zero());
+      const V4 step = fn / (g1[k] + sqrt(disc));
+      const M4 move = (step > zero()) & ~done[k];
+      x[k] = select(move, x[k] - step, x[k]);
+      // A lane is done when its step is tiny, non-positive or NaN.
+      done[k] = done[k] | ~(step > stop * x[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) out[k] = x[k];
+}
+
+inline V4 tridiagonal_max_eigenvalue(const V4* d, const V4* e, int n, V4* c) {
+  V4 out;
+  tridiagonal_max_eigenvalues<1>(&d, &e, n, &c, &out);
+  return out;
 }
 
 // Largest eigenvalue of the four lane-interleaved symmetric n x n matrices `a` (overwritten).
@@ -177,6 +201,27 @@ inline V4 max_eigenvalue4(double* a, int n, V4* work) {
   }
   tridiagonalize(a, n, d, e, u, p);
   return tridiagonal_max_eigenvalue(d, e, n, u);
+}
+
+// max_eigenvalue4 for two sets of 4 lane-interleaved matrices (8 matrices), with the two Laguerre
+// iterations interleaved; bit-identical to two max_eigenvalue4 calls. work0, work1:
+// workspace_vectors(n) V4 each. out[0], out[1]: the eigenvalues of a0's and a1's lanes.
+inline void max_eigenvalue8(double* a0, double* a1, int n, V4* work0, V4* work1, V4* out) {
+  if (n <= 2) {
+    out[0] = max_eigenvalue4(a0, n, work0);
+    out[1] = max_eigenvalue4(a1, n, work1);
+    return;
+  }
+  V4* d0 = work0;
+  V4* e0 = d0 + n;
+  V4* d1 = work1;
+  V4* e1 = d1 + n;
+  tridiagonalize(a0, n, d0, e0, e0 + n, e0 + 2 * n);
+  tridiagonalize(a1, n, d1, e1, e1 + n, e1 + 2 * n);
+  const V4* d[2] = {d0, d1};
+  const V4* e[2] = {e0, e1};
+  V4* c[2] = {e0 + n, e1 + n};
+  tridiagonal_max_eigenvalues<2>(d, e, n, c, out);
 }
 
 }  // namespace topeig

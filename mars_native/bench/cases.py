@@ -59,8 +59,8 @@ class Config:
     @classmethod
     def full(cls, **overrides: Any) -> Config:
         base = {"models": ["cnn", "resnet18", "resnext50"], "clients": [10, 20, 100],
-                    "cluster_sizes": [20, 100, 1000, 10000], "repeat": 5, "budget_s": 60.0,
-                    "slow_budget_s": 60.0, "max_memory_gb": 10.0, "max_pairs": 600_000, "mode": "full"}
+                "cluster_sizes": [20, 100, 1000, 10000], "repeat": 5, "budget_s": 40.0,
+                "slow_budget_s": 30.0, "max_memory_gb": 10.0, "max_pairs": 600_000, "mode": "full"}
         base.update(overrides)
         return cls(**base)
 

@@ -136,8 +136,13 @@ def run(args: argparse.Namespace) -> int:
         results["load_average_end"] = list(os.getloadavg())
     except OSError:  # pragma: no cover
         results["load_average_end"] = None
-    results["command"] = "mars-native bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if prog.startswith("mars-native") and sys.argv[1:2] == ["bench"]:
+        results["command"] = "mars-native bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    elif prog == "cli.py":  # python -m mars_native.bench.cli
+        results["command"] = "mars-native bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    else:  # called from Python (tests, notebooks)
+        results["command"] = None
     results["targets"] = report.targets(results)
     results["scaling"] = report.scaling(results)
     print(report.text_tables(results))

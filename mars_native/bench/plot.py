@@ -81,7 +81,8 @@ def plot_results(results: dict[str, Any], path: str) -> str:
         if not ok:
             ax.set_axis_off()
     m = results.get("machine", {})
-    fig.suptitle(f"mars_native benchmarks - {m.get('cpu', '')}, {results.get('threads')} threads, "
+    n = results.get("threads")
+    fig.suptitle(f"mars_native benchmarks - {m.get('cpu', '')}, {n} thread{'' if n == 1 else 's'}, "
                  f"{m.get('date_utc', '')}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -176,6 +176,13 @@ def check_weight(value: Any, key: str) -> tuple[float | None, str | None]:
     return w, None
 
 
+def check_server_lr(server_lr: Any) -> float:
+    """``server_lr`` as a float; ``ValueError`` unless it is finite and > 0."""
+    if not np.isfinite(server_lr) or server_lr <= 0:
+        raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
+    return float(server_lr)
+
+
 def _restore_dtypes(
     new_state: Mapping[str, np.ndarray], template: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:

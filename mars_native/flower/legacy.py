@@ -38,6 +38,7 @@ from mars_native.flower._round import (
     ClientUpdate,
     RoundRecord,
     append_jsonl,
+    check_server_lr,
     check_weight,
     log_round,
     run_round,
@@ -140,21 +141,10 @@ class MarsLegacy(LegacyFedAvg):
         if defense is None:
             from mars_native import MARS
 
-            defense = MARS(
-                kappa=kappa,
-                epsilon=epsilon,
-                selection=selection,
-                mode=mode,
-                include_linear=include_linear,
-                p=p,
-                random_state=random_state,
-                n_init=n_init,
-                n_threads=n_threads,
-                bn_eps=bn_eps,
-                layer_map=layer_map,
-            )
-        if not np.isfinite(server_lr) or server_lr <= 0:
-            raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
+            defense = MARS(kappa=kappa, epsilon=epsilon, selection=selection, mode=mode,
+                           include_linear=include_linear, p=p, random_state=random_state,
+                           n_init=n_init, n_threads=n_threads, bn_eps=bn_eps, layer_map=layer_map)
+        check_server_lr(server_lr)
         self.param_names = None if param_names is None else [str(n) for n in param_names]
         if self.param_names is not None and len(set(self.param_names)) != len(self.param_names):
             raise ValueError("param_names must be unique")

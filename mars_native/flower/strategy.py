@@ -17,6 +17,7 @@ from mars_native.flower._round import (
     ClientUpdate,
     RoundRecord,
     append_jsonl,
+    check_server_lr,
     check_weight,
     log_round,
     run_round,
@@ -122,21 +123,10 @@ class Mars(FedAvg):
         if defense is None:
             from mars_native import MARS
 
-            defense = MARS(
-                kappa=kappa,
-                epsilon=epsilon,
-                selection=selection,
-                mode=mode,
-                include_linear=include_linear,
-                p=p,
-                random_state=random_state,
-                n_init=n_init,
-                n_threads=n_threads,
-                bn_eps=bn_eps,
-                layer_map=layer_map,
-            )
-        if not np.isfinite(server_lr) or server_lr <= 0:
-            raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
+            defense = MARS(kappa=kappa, epsilon=epsilon, selection=selection, mode=mode,
+                           include_linear=include_linear, p=p, random_state=random_state,
+                           n_init=n_init, n_threads=n_threads, bn_eps=bn_eps, layer_map=layer_map)
+        check_server_lr(server_lr)
         self.defense = defense
         self.server_lr = float(server_lr)
         self.use_global = bool(server_lr != 1.0) if use_global is None else bool(use_global)

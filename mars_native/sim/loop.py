@@ -503,6 +503,7 @@ def _run_round(r, config, theta, attack, defense, trainer, data, make_model, fin
         "defense_seconds": defense_seconds,
         "train_seconds": train_seconds,
         "info": _compact_info(out.info or {}),
+        "attack_info": _compact_info(getattr(attack, "last_info", None) or {}),
         "_new_state": new_theta,
     }
     if config.record_energy:

@@ -304,7 +304,7 @@ def results_table(results: Sequence[RunResult], title: str | None = None):
     for a in attacks:
         cads = [cell[(a, d)].summary["cad"] for d in defenses if (a, d) in cell]
         best[a] = max((c for c in cads if c is not None), default=None)
-    table = Table(title=title or "CAD %  (ACC / ASR / TPR / FPR %)", show_lines=True)
+    table = Table(title=title or "CAD %  (ACC/ASR/TPR/FPR %)", show_lines=True)
     table.add_column("defense", style="bold")
     for a in attacks:
         table.add_column(a, justify="center")
@@ -319,8 +319,8 @@ def results_table(results: Sequence[RunResult], title: str | None = None):
             cad_txt = _pct(s["cad"])
             if s["cad"] is not None and best[a] is not None and s["cad"] >= best[a] - 1e-12:
                 cad_txt = f"[bold green]{cad_txt}[/]"
-            row.append(f"{cad_txt}\n{_pct(s['acc'])} / {_pct(s['asr'])} / "
-                       f"{_pct(s['tpr'])} / {_pct(s['fpr'])}")
+            row.append(f"{cad_txt}\n{_pct(s['acc'])}/{_pct(s['asr'])}/"
+                       f"{_pct(s['tpr'])}/{_pct(s['fpr'])}")
         name = d + (" †" if any(cell[(a, d)].needs_server_data for a in attacks
                                  if (a, d) in cell) else "")
         table.add_row(name, *row)

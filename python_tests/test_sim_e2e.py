@@ -41,6 +41,8 @@ def test_every_pair_runs_with_metrics_in_range(experiment):
             assert rec["n_uploads"] == cfg.num_clients
             assert sorted(rec["upload_ids"]) == list(range(cfg.num_clients))
             assert len(rec["cbe"]) == cfg.num_clients
+            assert len(rec["energy_terms"]) == cfg.num_clients
+            assert set(rec["energy_terms"][0]) == {"conv1", "conv2", "conv3"}
             if r.defense == "fedclp":
                 assert rec["tpr"] is None
             else:

@@ -65,3 +65,23 @@ def test_upload_cbe_matches_a_direct_computation():
     be = torch.linalg.matrix_norm(w.reshape(20, 1, 9), ord=2) * sd["bn1.weight"].double().abs() \
         / torch.sqrt(sd["bn1.running_var"].double() + 1e-5)
     assert cbe[0] == pytest.approx(float(be.max()), rel=1e-6)
+
+
+def test_energy_terms_factorise_the_backdoor_energy():
+    import torch
+
+    from mars_native.sim.metrics import energy_terms
+    from mars_native.sim.models import DigitsCNN
+
+    torch.manual_seed(1)
+    m = DigitsCNN(widths=(20, 40, 80), fc_width=16)
+    sd = m.state_dict()
+    sd["bn2.running_var"].fill_(4.0)  # BN term of conv2 = |gamma| / 2
+    terms = energy_terms(sd, kappa=0.05)
+    assert list(terms) == ["conv1", "conv2", "conv3"]
+    t2 = terms["conv2"]
+    assert t2["bn_scale"] == pytest.approx(1 / np.sqrt(4 + 1e-5))
+    assert t2["be"] == pytest.approx(t2["sigma"] * t2["bn_scale"])
+    assert t2["running_var_mean"] == pytest.approx(4.0)
+    cbe = upload_cbe(sd, kappa=0.05)
+    assert terms["conv1"]["be"] == pytest.approx(cbe[0])  # k = 1 for 20 channels

@@ -37,7 +37,7 @@ from .attacks.base import Attack, RoundContext, Upload
 from .config import SimConfig
 from .data import FederatedData, load_dataset
 from .defenses.base import Defense, DefenseOutput, RoundInput
-from .metrics import detection_rates, summarize_rounds, upload_cbe
+from .metrics import detection_rates, energy_terms, summarize_rounds, upload_cbe
 from .models import final_layer_name, model_factory
 from .training import (
     Trainer,
@@ -510,4 +510,6 @@ def _run_round(r, config, theta, attack, defense, trainer, data, make_model, fin
         record["cbe"] = [upload_cbe(u.state, config.energy_kappa, reference=theta).tolist()
                          for u in uploads]
         record["upload_is_attacker"] = is_att
+        record["energy_terms"] = [energy_terms(u.state, config.energy_kappa, reference=theta)
+                                  for u in uploads]
     return record

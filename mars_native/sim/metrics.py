@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cad", "detection_rates", "summarize_rounds", "upload_cbe"]
+__all__ = ["cad", "detection_rates", "energy_terms", "summarize_rounds", "upload_cbe"]
 
 
 def detection_rates(
@@ -117,3 +117,52 @@ def _torch_cbe(state: dict, kappa: float) -> np.ndarray:
     if not parts:
         raise ValueError("no conv layer to score")
     return torch.cat(parts).numpy()
+
+
+def energy_terms(state: dict, kappa: float = 0.05, reference: dict | None = None) -> dict:
+    """Why a model's backdoor energy is what it is: per scored conv layer, the mean over its
+    top-``kappa`` BE channels of BE, of the weight term sigma_max(W_k) and of the BatchNorm term
+    |gamma_k| / sqrt(var_k + 1e-5), plus the layer means of sigma_max and of running_var.
+
+    Returns ``{layer: {"be": ..., "sigma": ..., "bn_scale": ..., "sigma_mean": ...,
+    "running_var_mean": ...}}`` (floats). BE = sigma * bn_scale, so a model can have larger
+    weights (sigma) yet a lower BE when its BatchNorm running variance grew.
+    """
+    import torch
+
+    try:
+        from mars_native import find_layers
+
+        layers = [(ly.weight_key, ly.bn_prefix, ly.name) for ly in
+                  find_layers(state, reference=reference) if ly.kind == "conv"]
+    except ImportError:  # pragma: no cover - the compiled core is missing
+        layers = []
+        for key, w in state.items():
+            if key.endswith(".weight") and w.dim() >= 3:
+                prefix = key[: -len(".weight")]
+                head, _, name = prefix.rpartition(".")
+                bn = (head + "." if head else "") + name.replace("conv", "bn")
+                layers.append((key, bn if f"{bn}.running_var" in state else None, prefix))
+    out = {}
+    for weight_key, bn, name in layers:
+        w = torch.as_tensor(state[weight_key]).detach().to(torch.float64)
+        sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], w.shape[1], -1), ord=2)
+        if bn is not None:
+            gamma = torch.as_tensor(state[f"{bn}.weight"]).detach().to(torch.float64)
+            var = torch.as_tensor(state[f"{bn}.running_var"]).detach().to(torch.float64)
+            var = torch.nan_to_num(var, nan=0.0).clamp_min(0)
+            scale = gamma.abs() / torch.sqrt(var + 1e-5)
+        else:
+            var = torch.ones_like(sigma)
+            scale = torch.ones_like(sigma)
+        be = sigma * scale
+        k = max(1, math.ceil(kappa * be.numel() - 1e-9))
+        top = torch.topk(be, k).indices
+        out[name] = {
+            "be": float(be[top].mean()),
+            "sigma": float(sigma[top].mean()),
+            "bn_scale": float(scale[top].mean()),
+            "sigma_mean": float(sigma.mean()),
+            "running_var_mean": float(var.mean()),
+        }
+    return out

@@ -138,7 +138,8 @@ def plot_energy(result, out_dir: str | Path, round_index: int = 0) -> Path | Non
     cbe = [np.asarray(c, dtype=float) for c in rec["cbe"]]
     is_att = rec["upload_is_attacker"]
     flagged = set(rec.get("flagged_ids") or [])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ncols = 3 if rec.get("energy_terms") else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4))
     for c, att, cid in zip(cbe, is_att, rec["upload_ids"]):
         style = "-" if cid not in flagged else "--"
         axes[0].plot(np.sort(c)[::-1], style, color="tab:red" if att else "tab:green",
@@ -164,11 +165,36 @@ def plot_energy(result, out_dir: str | Path, round_index: int = 0) -> Path | Non
     axes[1].set_title(f"CBE values: {result.attack} vs {result.defense}", fontsize=9)
     axes[1].set_xlabel("backdoor energy")
     axes[1].legend(fontsize=8)
+    terms = rec.get("energy_terms")
+    if terms:
+        _plot_energy_terms(axes[2], terms, is_att)
     fig.tight_layout()
     path = out / f"energy-{_slug(result.attack)}-{_slug(result.defense)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_energy_terms(ax, terms: list[dict], is_att: list[bool]) -> None:
+    """Per layer, attackers' mean / benign mean of the top-k BE and of its two factors."""
+    layers = list(terms[0])
+    keys = [("be", "BE (top-k)"), ("sigma", "sigma_max(W)"), ("bn_scale", "|gamma|/sqrt(var)")]
+    width = 0.8 / len(keys)
+    x = np.arange(len(layers))
+    for i, (key, label) in enumerate(keys):
+        ratios = []
+        for layer in layers:
+            att = [t[layer][key] for t, a in zip(terms, is_att) if a]
+            ben = [t[layer][key] for t, a in zip(terms, is_att) if not a]
+            ratios.append(np.mean(att) / np.mean(ben) if att and ben and np.mean(ben) else np.nan)
+        ax.bar(x + (i - 1) * width, ratios, width, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(layers)
+    ax.set_ylabel("attackers / benign (mean)")
+    ax.set_title("what drives the energy gap", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def plot_all(results: Sequence, out_dir: str | Path) -> list[Path]:

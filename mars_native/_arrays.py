@@ -68,14 +68,3 @@ def as_float_array(x: Any, *, name: str = "array") -> np.ndarray:
 def is_mapping(x: Any) -> bool:
     """True for dict-like containers (dict, OrderedDict, Flower ArrayRecord views...)."""
     return isinstance(x, Mapping) or (hasattr(x, "keys") and hasattr(x, "__getitem__"))
-
-
-def like_input(arr: np.ndarray, template: Any) -> Any:
-    """Return ``arr`` in the container type and dtype of ``template`` (torch tensor or ndarray)."""
-    if is_torch_tensor(template):
-        import torch
-
-        out = torch.from_numpy(np.ascontiguousarray(arr))
-        return out.to(dtype=template.dtype)
-    tmpl = to_numpy(template)
-    return np.asarray(arr, dtype=tmpl.dtype)

@@ -179,3 +179,14 @@ def test_device_parameter():
     s = {"c.weight": np.random.default_rng(0).normal(size=(8, 3, 3, 3)).astype(np.float32)}
     report = mn.MARS(device="cpu").detect([s, s])
     assert report.accepted.all() and report.params["device"] == "cpu"
+
+
+def test_misaligned_views():
+    # a float64 view at an odd byte offset: copied (aligned) by the bindings, same values
+    raw = np.zeros(8 * 17 + 1, np.uint8)
+    values = np.arange(17, dtype=np.float64)[::-1].copy()
+    raw[1:].view(np.uint8)[:] = values.view(np.uint8)
+    misaligned = raw[1:].view(np.float64)
+    assert not misaligned.flags.aligned
+    np.testing.assert_array_equal(mn.top_k_energy(misaligned, 0.2), mn.top_k_energy(values, 0.2))
+    assert mn.wasserstein_1d(misaligned, values) == 0.0

@@ -69,6 +69,8 @@ inline DoubleArray as_float64(const py::handle& obj, const char* name) {
     throw py::type_error(std::string(name) + " must hold real numbers (float or int), got " +
                          describe(arr));
   }
+  // A misaligned float64 view would be passed through without a copy: copy it (aligned).
+  if (!(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) arr = arr.attr("copy")();
   DoubleArray out = DoubleArray::ensure(arr);
   if (!out) throw py::error_already_set();
   return out;

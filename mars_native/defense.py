@@ -23,7 +23,6 @@ import numpy as np
 
 from mars_native import _cuda
 from mars_native._arrays import is_mapping, to_numpy
-from mars_native._cuda_arrays import is_cuda_state
 from mars_native._native import wasserstein_1d
 from mars_native.cluster import KWMeans
 from mars_native.energy import backdoor_energy, concentrate, concentrated_backdoor_energy
@@ -34,6 +33,7 @@ from mars_native.validation import (
     check_state,
     majority_template,
     non_finite_reason,
+    on_device,
     state_template,
 )
 
@@ -277,7 +277,7 @@ class MARS:
         # NaN/Inf value, so those keys are not read a second time by the finiteness check; every
         # other tensor is checked first. (When several tensors are non-finite, the reason names a
         # non-scored one before a scored one.)
-        if is_cuda_state(state):
+        if on_device(state):
             return self._client_cbe_cuda(state, template, reference)
         reason = check_state(state, template, finite=False)
         if reason is not None:
@@ -332,7 +332,7 @@ class MARS:
         """``state`` moved where ``self.device`` says (unchanged for "auto" or non-mappings)."""
         if self.device == "auto" or not is_mapping(state):
             return state
-        on_gpu = is_cuda_state(state)
+        on_gpu = on_device(state)
         if self.device == "cuda" and not on_gpu:
             return _cuda.to_device_state(state)
         if self.device == "cpu" and on_gpu:

@@ -18,9 +18,9 @@ import numpy as np
 
 from mars_native import _core, _cuda
 from mars_native._arrays import as_float_array, to_numpy
-from mars_native._cuda_arrays import is_cuda_state
 from mars_native._native import _threads, top_k_energy
 from mars_native.layers import Layer, find_layers
+from mars_native.validation import on_device
 
 Mode = Literal["paper", "official"]
 
@@ -100,7 +100,7 @@ def backdoor_energy(
         GPU, as device arrays, when the state_dict holds CUDA tensors).
     """
     _check_mode(mode)
-    if is_cuda_state(state_dict):
+    if on_device(state_dict):
         found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
         return _cuda.backdoor_energy_cuda(state_dict, found, bn_eps=bn_eps, mode=mode)
     found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
@@ -140,7 +140,7 @@ def concentrated_backdoor_energy(
     A state_dict of CUDA tensors is scored on its GPU; the CBE is then a device array.
     """
     _check_mode(mode)
-    if is_cuda_state(state_dict):
+    if on_device(state_dict):
         found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
         return _cuda.concentrated_backdoor_energy_cuda(state_dict, found, kappa, mode, bn_eps=bn_eps)
     energies = backdoor_energy(

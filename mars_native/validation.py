@@ -24,11 +24,24 @@ def _short(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def is_numpy_state(state: Any) -> bool:
+    """True for a plain dict whose values are all NumPy arrays: the common CPU case, recognised
+    without looking at each value's library (a fast path for the hot per-client checks)."""
+    return isinstance(state, dict) and all(type(v) is np.ndarray for v in state.values())
+
+
+def on_device(state: Any) -> bool:
+    """``is_cuda_state(state)``, answered at once for a dict of NumPy arrays."""
+    return not is_numpy_state(state) and is_cuda_state(state)
+
+
 def state_template(state: Any) -> Template:
     """The keys, shapes and dtypes of ``state`` (a mapping of name -> array/tensor). Read from
     metadata for CUDA tensors (no device access)."""
     if not is_mapping(state):
         raise TypeError(f"expected a state_dict (mapping of name -> tensor), got {type(state).__name__}")
+    if is_numpy_state(state):  # fast path: shapes are tuples of ints already
+        return {str(k): (v.shape, v.dtype) for k, v in state.items()}
     if is_cuda_state(state):
         from mars_native._cuda_states import device_template
 
@@ -98,7 +111,7 @@ def check_finite(state: Any, skip: Collection[str] = ()) -> str | None:
     """``"non_finite: ..."`` for the first float tensor of ``state`` (a validated mapping) holding
     a NaN/Inf value, keys in ``skip`` excepted; None when all are finite. CUDA tensors are
     checked on their device."""
-    if is_cuda_state(state):
+    if on_device(state):
         from mars_native._cuda_states import non_finite_keys
 
         bad = [k for k in non_finite_keys(state) if str(k) not in skip]

@@ -56,6 +56,9 @@ def test_clients_are_distinct_deterministic_and_valid(tiny_resnet):
     _, base, states, attackers, _ = tiny_resnet
     again, _ = bm.make_clients(base, 5, seed=3)
     assert attackers.tolist() == [True, False, False, False, False]
+    # every prefix of a population has the same attacker share
+    assert bm.make_clients(base, 10)[1].tolist() == [i % 5 == 0 for i in range(10)]
+    assert cases.synthetic_cbes(10, 4)[1].tolist() == [i % 5 == 0 for i in range(10)]
     for s, t in zip(states, again):
         assert list(s) == list(base)
         for k in base:

@@ -73,14 +73,15 @@ class Config:
 
 def synthetic_cbes(n: int, d: int, seed: int = 0, attacker_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """``n`` CBE-like vectors of length ``d``: a shared log-normal profile with 5% client noise;
-    the first ``attacker_fraction`` of the rows have 10% of their coordinates doubled."""
+    every ``round(1 / attacker_fraction)``-th row (from row 0) has 10% of its coordinates
+    doubled."""
     rng = np.random.default_rng(seed)
     profile = rng.lognormal(0.0, 0.5, d)
     X = profile * np.exp(0.05 * rng.standard_normal((n, d)))
-    n_att = round(attacker_fraction * n)
+    attackers = np.arange(n) % round(1.0 / attacker_fraction) == 0
     hot = rng.choice(d, size=max(1, d // 10), replace=False)
-    X[np.ix_(np.arange(n_att), hot)] *= 2.0
-    return X, np.arange(n) < n_att
+    X[np.ix_(np.flatnonzero(attackers), hot)] *= 2.0
+    return X, attackers
 
 
 def _noop() -> None:

@@ -12,7 +12,7 @@ Three model families span the sizes and layer shapes a MARS server meets:
 
 Every BatchNorm gets randomised statistics (as after training), so that the BN scale of the
 backdoor energy is not trivially 1. Clients of a round are the base model plus small per-client
-noise; a fifth of them ("attackers") also have a few channels of their two last scored layers
+noise; every fifth one (an "attacker") also has a few channels of its two last scored layers
 amplified, so that MARS has a high-energy cluster to find (this only matters for the correctness
 checks; timings do not depend on it).
 """
@@ -200,9 +200,10 @@ def make_clients(
 
     Client ``i``'s float tensor ``x`` is ``base[x] + noise * std(base[x]) * z_i`` with ``z_i`` a
     window of one shared Gaussian pool (offset per client, so generation costs one pass per
-    client); ``running_var`` is perturbed multiplicatively and stays positive. The first
-    ``round(attacker_fraction * n)`` clients are attackers: 5% of the output channels of the two
-    last conv layers are multiplied by ``boost``. Integer tensors are copied.
+    client); ``running_var`` is perturbed multiplicatively and stays positive. Every
+    ``round(1 / attacker_fraction)``-th client, starting with client 0, is an attacker (so every
+    prefix of the list, e.g. the first 10 of 100 clients, has the same share): 5% of the output
+    channels of its two last conv layers are multiplied by ``boost``. Integer tensors are copied.
 
     Returns:
         ``(states, is_attacker)``; every array is a fresh float32/int64 NumPy array.
@@ -214,7 +215,8 @@ def make_clients(
     pool = rng.standard_normal(total + stride * max(n, 1), dtype=np.float32)
     conv_keys = [k for k in float_keys if base[k].ndim >= 3]
     boosted = conv_keys[-2:]
-    n_attackers = round(attacker_fraction * n)
+    period = round(1.0 / attacker_fraction) if attacker_fraction > 0 else 0
+    attackers = (np.arange(n) % period == 0) if period else np.zeros(n, dtype=bool)
     stds = {k: float(np.std(base[k])) if base[k].size else 0.0 for k in float_keys}
     states = []
     for i in range(n):
@@ -233,9 +235,9 @@ def make_clients(
             else:
                 out = z * np.float32(noise * stds[key])
                 out += value
-            if i < n_attackers and key in boosted:
+            if attackers[i] and key in boosted:
                 k = max(1, value.shape[0] // 20)
                 out[:k] *= boost
             state[key] = out.astype(value.dtype, copy=False)
         states.append(state)
-    return states, np.arange(n) < n_attackers
+    return states, attackers

@@ -113,7 +113,7 @@ def pairwise_wasserstein(X: ArrayLike, p: float = 1) -> NDArray[np.float64]:
 # Aggregation (owned by the aggregation module; twins of _core.aggregate / accumulate /
 # finalize_mean, csrc/mars/aggregate.*)
 # =============================================================================================
-__all__ += ["accumulate", "aggregate", "buffer_checksum", "finalize_mean"]
+__all__ += ["accumulate", "aggregate", "buffer_checksum", "finalize_mean", "stream_sum"]
 
 _CHECKSUM_K1 = np.uint64(0x9E3779B97F4A7C15)
 _CHECKSUM_K2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -153,6 +153,16 @@ def aggregate(
             acc += wi * x.astype(np.float64)
     out = _base_step(acc / total, base, server_lr)
     return out.astype(out_dtype if out_dtype is not None else xs[0].dtype)
+
+
+def stream_sum(arrays: list[ArrayLike]) -> float:
+    """Sum of every element of every float array (each of shape anything), in float64.
+
+    Twin of ``_core.stream_sum`` (the benchmarks' stream-read floor). The compiled kernel sums
+    blocks of 16,384 elements in 16 float32 (or 8 float64) lanes of the input dtype, so it agrees
+    within ``~1e-4 * sum |x|`` for float32 input and ``~1e-12 * sum |x|`` for float64.
+    """
+    return float(sum(float(np.sum(np.asarray(a), dtype=np.float64)) for a in arrays))
 
 
 def buffer_checksum(x: ArrayLike) -> int:

@@ -279,3 +279,32 @@ def test_weighted_mean_errors():
         weighted_mean([a, a], [0, 0])
     with pytest.raises(ValueError, match="n_threads must be >= 1"):
         weighted_mean([a], n_threads=0)
+
+
+# ---------------------------------------------------------------------------------- stream_sum
+@given(st.lists(float_dtypes.flatmap(lambda d: hnp.arrays(d, st.integers(0, 40_000), elements=_values(d))),
+                max_size=6))
+def test_stream_sum_matches_reference(arrays):
+    want = reference.stream_sum(arrays)
+    scale = sum(float(np.abs(a.astype(np.float64)).sum()) for a in arrays)
+    got = [_core.stream_sum(arrays, t) for t in (1, 2, 5)]
+    assert got[0] == got[1] == got[2]  # bit-identical for any thread count
+    assert abs(got[0] - want) <= 1e-4 * scale + 1e-300
+
+
+def test_stream_sum_reads_everything_once():
+    x = np.ones(100_003, np.float32)
+    y = np.full((3, 7), 2.0)
+    assert _core.stream_sum([x, y, x[:0]], 2) == 100_003 + 42
+    assert _core.stream_sum([], 1) == 0.0
+
+
+def test_stream_sum_rejects_what_it_cannot_read():
+    with pytest.raises(TypeError, match=r"arrays\[1\] must be float32 or float64"):
+        _core.stream_sum([np.ones(3, np.float32), np.arange(3)])
+    with pytest.raises(ValueError, match=r"arrays\[0\] must be C-contiguous"):
+        _core.stream_sum([np.ones((4, 4))[:, ::2]])
+    with pytest.raises(TypeError, match="list or tuple"):
+        _core.stream_sum(np.ones(3))
+    with pytest.raises(ValueError, match="n_threads"):
+        _core.stream_sum([np.ones(3)], -1)

@@ -110,10 +110,11 @@ def test_authors_pairs_follow_module_order(tiny_resnet):
 
 def test_read_floor_reads_every_element_once(tiny_resnet):
     _, _, states, _, layers = tiny_resnet
-    arrays = bl.scored_arrays(states, layers)
+    # plus what the native floor cannot read (integer buffers, strided views): read by NumPy
+    arrays = bl.scored_arrays(states, layers) + [np.arange(7), np.ones((6, 6), np.float32)[:, ::2]]
     want = sum(float(a.astype(np.float64).sum()) for a in arrays)
     for threads in (1, 3):
-        with bl.Reader(threads, chunk=1000) as reader:
+        with bl.Reader(threads) as reader:
             assert math.isclose(bl.read_floor(arrays, reader), want, rel_tol=1e-4, abs_tol=1e-3)
 
 

@@ -1,6 +1,7 @@
 // aggregate(buffers, weights, out_dtype, n_threads, base, server_lr) -> weighted mean array
 // accumulate(acc, x, weight, n_threads) -> (max_abs, checksum); acc += weight * x in place
 // finalize_mean(acc, total_weight, out_dtype, n_threads, base, server_lr) -> array
+// stream_sum(arrays, n_threads) -> float: every element read once (the benchmarks' floor)
 //
 // These read float32/float64 arrays in place: no conversion and no copy. Anything else (other
 // dtypes, non-contiguous or misaligned views, read-only accumulators) is a TypeError/ValueError
@@ -10,6 +11,7 @@
 
 #include "common.hpp"
 #include "mars/aggregate.hpp"
+#include "mars/stream.hpp"
 
 namespace mars_bindings {
 
@@ -264,9 +266,37 @@ py::array finalize_mean(const py::object& acc_obj, double total_weight, const py
                                 : finalize_typed<double, double>(acc, total_weight, &base, server_lr, n_threads);
 }
 
+double stream_sum(const py::object& arrays_obj, int n_threads) {
+  n_threads = threads_arg(n_threads);
+  if (!py::isinstance<py::list>(arrays_obj) && !py::isinstance<py::tuple>(arrays_obj)) {
+    throw py::type_error("arrays must be a list or tuple of arrays, got " +
+                         py::str(py::type::of(arrays_obj)).cast<std::string>());
+  }
+  const auto seq = py::reinterpret_borrow<py::sequence>(arrays_obj);
+  std::vector<py::array> keep;
+  std::vector<mars::stream::Span> spans;
+  keep.reserve(py::len(seq));
+  spans.reserve(py::len(seq));
+  for (std::size_t i = 0; i < py::len(seq); ++i) {
+    const py::object item = seq[i];
+    const std::string name = item_name("arrays", i);
+    const Float k = float_kind(item, name);
+    auto arr = py::reinterpret_borrow<py::array>(item);
+    require_flat(arr, name);
+    spans.push_back({arr.data(), static_cast<std::int64_t>(arr.size()), k == Float::f64});
+    keep.push_back(std::move(arr));
+  }
+  py::gil_scoped_release release;
+  return mars::stream::sum(spans, n_threads);
+}
+
 }  // namespace
 
 void register_aggregate(py::module_& m) {
+  m.def("stream_sum", &stream_sum, py::arg("arrays"), py::arg("n_threads") = 0,
+        "Sum of every element of float32/float64 C-contiguous arrays, each read once (the "
+        "benchmarks' stream-read floor). Blocks of 16384 elements, lane sums in the input dtype, "
+        "block sums added in order in float64: the same result for any n_threads.");
   m.def("aggregate", &aggregate, py::arg("buffers"), py::arg("weights"),
         py::arg("out_dtype") = py::none(), py::arg("n_threads") = 0, py::arg("base") = py::none(),
         py::arg("server_lr") = 1.0,

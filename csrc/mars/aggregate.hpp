@@ -20,6 +20,8 @@ namespace aggregate {
 
 // Max |x| (NaN propagates) and a 64-bit checksum of the bit patterns of x (position-dependent,
 // order-independent to compute, not cryptographic): together they identify a re-read buffer.
+// checksum = sum_j (bits_j ^ (j * 0x9E3779B97F4A7C15)) * 0xBF58476D1CE4E5B9 mod 2^64, bits_j the
+// float32/float64 bit pattern of x[j] (zero-extended); reference.buffer_checksum is its twin.
 struct BufferStats {
   double max_abs = 0.0;
   std::uint64_t checksum = 0;
@@ -41,10 +43,6 @@ template <typename T, typename O>
 void finalize(const double* acc, double total_weight, std::int64_t n, O* out, int n_threads,
               const T* base = nullptr, double server_lr = 1.0);
 
-// The checksum term of element j with bit pattern `bits` (exposed for the NumPy twin's tests).
-inline std::uint64_t checksum_term(std::uint64_t bits, std::uint64_t j) {
-  return (bits ^ (j * 0x9E3779B97F4A7C15ULL)) * 0xBF58476D1CE4E5B9ULL;
-}
 
 }  // namespace aggregate
 }  // namespace mars

@@ -52,6 +52,17 @@ inline void write_block(const double* acc, double total_weight, std::int64_t len
   }
 }
 
+// a + w * x with one rounding wherever the explicit AVX2 loops (which use _mm256_fmadd_pd) are
+// compiled, so that an element gives the same bits in a vector body and in a scalar tail, and
+// thus whatever the thread chunking. Without them every path is this same scalar expression.
+inline double madd(double a, double w, double x) {
+#if defined(MARS_SIMD4_AVX2)
+  return std::fma(w, x, a);
+#else
+  return a + w * x;
+#endif
+}
+
 #if defined(MARS_SIMD4_AVX2)
 inline __m256d load4(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 inline __m256d load4(const double* p) { return _mm256_loadu_pd(p); }
@@ -96,10 +107,10 @@ inline void add4(double* acc, std::int64_t len, const T* const* x, const double*
 #endif
   for (; j < len; ++j) {
     double a = acc[j];
-    a += w[0] * static_cast<double>(x0[j]);
-    a += w[1] * static_cast<double>(x1[j]);
-    a += w[2] * static_cast<double>(x2[j]);
-    a += w[3] * static_cast<double>(x3[j]);
+    a = madd(a, w[0], static_cast<double>(x0[j]));
+    a = madd(a, w[1], static_cast<double>(x1[j]));
+    a = madd(a, w[2], static_cast<double>(x2[j]));
+    a = madd(a, w[3], static_cast<double>(x3[j]));
     acc[j] = a;
   }
 }
@@ -134,7 +145,7 @@ void aggregate(const T* const* buffers, const double* weights, std::int64_t n_bu
       for (; i < m; ++i) {
         const double w = ws[i];
         const T* x = xs[i] + b;
-        for (std::int64_t j = 0; j < len; ++j) acc[j] += w * static_cast<double>(x[j]);
+        for (std::int64_t j = 0; j < len; ++j) acc[j] = madd(acc[j], w, static_cast<double>(x[j]));
       }
       write_block(acc, total_weight, len, out + b, base == nullptr ? nullptr : base + b,
                   server_lr);
@@ -148,44 +159,68 @@ void aggregate(const T* const* buffers, const double* weights, std::int64_t n_bu
 // xor + add on 64-bit lanes (vectorised) instead of two 64-bit multiplies per element.
 constexpr std::uint64_t kChecksumK1 = 0x9E3779B97F4A7C15ULL;
 constexpr std::uint64_t kChecksumK2 = 0xBF58476D1CE4E5B9ULL;
-constexpr int kLanes = 8;
+
+// The scalar loop over [j, end): acc update, NaN flag, max |x| and the checksum sum (not yet
+// multiplied by K2).
+template <typename T>
+void accumulate_tail(double* acc, const T* x, double weight, std::int64_t j, std::int64_t end,
+                     bool& nan, double& max_abs, std::uint64_t& sum) {
+  for (; j < end; ++j) {
+    const double v = static_cast<double>(x[j]);
+    acc[j] = madd(acc[j], weight, v);
+    const double a = std::fabs(v);
+    nan = nan || (a != a);
+    max_abs = a > max_abs ? a : max_abs;
+    sum += bits_of(x[j]) ^ (static_cast<std::uint64_t>(j) * kChecksumK1);
+  }
+}
+
+#if defined(MARS_SIMD4_AVX2)
+inline __m256i bits4(const float* p) {
+  return _mm256_cvtepu32_epi64(_mm_castps_si128(_mm_loadu_ps(p)));
+}
+inline __m256i bits4(const double* p) { return _mm256_castpd_si256(_mm256_loadu_pd(p)); }
+#endif
 
 template <typename T>
 BufferStats accumulate_range(double* acc, const T* x, double weight, std::int64_t begin,
                              std::int64_t end, bool& nan) {
-  double m[kLanes] = {};
-  std::uint64_t s[kLanes] = {};
-  std::uint64_t jk[kLanes];
-  int bad[kLanes] = {};
-  for (int l = 0; l < kLanes; ++l) jk[l] = static_cast<std::uint64_t>(begin + l) * kChecksumK1;
-  constexpr std::uint64_t step = kLanes * kChecksumK1;
-  std::int64_t j = begin;
-  for (; j + kLanes <= end; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double v = static_cast<double>(x[j + l]);
-      acc[j + l] += weight * v;
-      const double a = std::fabs(v);
-      bad[l] |= (a != a);
-      m[l] = a > m[l] ? a : m[l];
-      s[l] += bits_of(x[j + l]) ^ jk[l];
-      jk[l] += step;
-    }
-  }
-  BufferStats out;
+  double max_abs = 0.0;
   std::uint64_t sum = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    out.max_abs = std::max(out.max_abs, m[l]);
-    sum += s[l];
-    nan = nan || bad[l] != 0;
+  std::int64_t j = begin;
+#if defined(MARS_SIMD4_AVX2)
+  const __m256d w = _mm256_set1_pd(weight);
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  const __m256i step = _mm256_set1_epi64x(static_cast<long long>(4 * kChecksumK1));
+  __m256i jk = _mm256_set_epi64x(
+      static_cast<long long>(static_cast<std::uint64_t>(begin + 3) * kChecksumK1),
+      static_cast<long long>(static_cast<std::uint64_t>(begin + 2) * kChecksumK1),
+      static_cast<long long>(static_cast<std::uint64_t>(begin + 1) * kChecksumK1),
+      static_cast<long long>(static_cast<std::uint64_t>(begin) * kChecksumK1));
+  __m256d vmax = _mm256_setzero_pd(), vnan = _mm256_setzero_pd();
+  __m256i vsum = _mm256_setzero_si256();
+  for (; j + 4 <= end; j += 4) {
+    const __m256d v = load4(x + j);
+    _mm256_storeu_pd(acc + j, _mm256_fmadd_pd(w, v, _mm256_loadu_pd(acc + j)));
+    const __m256d a = _mm256_andnot_pd(sign, v);
+    vnan = _mm256_or_pd(vnan, _mm256_cmp_pd(a, a, _CMP_UNORD_Q));
+    vmax = _mm256_max_pd(vmax, a);  // a NaN here is caught by vnan
+    vsum = _mm256_add_epi64(vsum, _mm256_xor_si256(bits4(x + j), jk));
+    jk = _mm256_add_epi64(jk, step);
   }
-  for (; j < end; ++j) {
-    const double v = static_cast<double>(x[j]);
-    acc[j] += weight * v;
-    const double a = std::fabs(v);
-    nan = nan || (a != a);
-    out.max_abs = a > out.max_abs ? a : out.max_abs;
-    sum += bits_of(x[j]) ^ (static_cast<std::uint64_t>(j) * kChecksumK1);
+  alignas(32) double m4[4];
+  alignas(32) std::uint64_t s4[4];
+  _mm256_store_pd(m4, vmax);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(s4), vsum);
+  for (int l = 0; l < 4; ++l) {
+    max_abs = m4[l] > max_abs ? m4[l] : max_abs;
+    sum += s4[l];
   }
+  nan = nan || _mm256_movemask_pd(vnan) != 0;
+#endif
+  accumulate_tail(acc, x, weight, j, end, nan, max_abs, sum);
+  BufferStats out;
+  out.max_abs = max_abs;
   out.checksum = sum * kChecksumK2;
   return out;
 }

@@ -73,3 +73,16 @@ def test_replace_validates():
     assert c.replace(num_attackers=0).num_attackers == 0
     with pytest.raises(ValueError):
         c.replace(num_attackers=99)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"attacks": ["mrx"]}, r"SimConfig.attacks: unknown \['mrx'\]"),
+    ({"defenses": ["mars", "krum"]}, r"SimConfig.defenses: unknown \['krum'\]"),
+    ({"attack_params": {"mra": {"scale": 5.0}}}, r"attack_params\['mra'\].*'scale'"),
+    ({"defense_params": {"mars": {"kapa": 0.1}}}, r"defense_params\['mars'\].*'kapa'"),
+    ({"defense_params": {"mars": {"kappa": -1}}}, r"defense_params\['mars'\].*kappa"),
+    ({"attack_params": {"mra": 5.0}}, r"must be a table"),
+])
+def test_unknown_components_and_parameters_fail_before_any_training(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SimConfig(**kwargs)

@@ -15,7 +15,7 @@ defense parameters live in sub-tables keyed by name::
     defenses = ["fedavg", "mars"]
 
     [attack_params.mra]
-    scale = 5.0
+    gamma = 5.0
 
     [defense_params.mars]
     kappa = 0.05
@@ -188,6 +188,29 @@ class SimConfig:
             bad("threads", "must be >= 0 (0 = automatic)")
         if self.jobs < 0:
             bad("jobs", "must be >= 0 (0 = one per core)")
+        self._validate_components()
+
+    def _validate_components(self) -> None:
+        """Unknown attack/defense names and parameters fail here, not after pretraining: every
+        entry of ``attack_params``/``defense_params`` is built once with its constructor."""
+        from mars_native.sim.attacks import ATTACKS, make_attack
+        from mars_native.sim.defenses import DEFENSES, make_defense
+
+        for field_name, names, known, norm in (("attacks", self.attacks, ATTACKS, str.lower),
+                                               ("defenses", self.defenses, DEFENSES, str)):
+            unknown = [n for n in names if norm(str(n)) not in known]
+            if unknown:
+                raise ValueError(f"SimConfig.{field_name}: unknown {unknown}; known: {sorted(known)}")
+        for field_name, params, make in (("attack_params", self.attack_params, make_attack),
+                                         ("defense_params", self.defense_params, make_defense)):
+            for name, kwargs in params.items():
+                if not isinstance(kwargs, dict):
+                    raise ValueError(f"SimConfig.{field_name}[{name!r}] must be a table of "
+                                     f"parameters, got {kwargs!r}")
+                try:
+                    make(name, **kwargs)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"SimConfig.{field_name}[{name!r}] = {kwargs!r}: {exc}") from None
 
     # -- derived -------------------------------------------------------------------------------
     @property

@@ -39,19 +39,6 @@ inline O narrow(double v) {
   }
 }
 
-template <typename T, typename O>
-inline void write_block(const double* acc, double total_weight, std::int64_t len, O* out,
-                        const T* base, double server_lr) {
-  if (base == nullptr) {
-    for (std::int64_t j = 0; j < len; ++j) out[j] = narrow<O>(acc[j] / total_weight);
-  } else {
-    for (std::int64_t j = 0; j < len; ++j) {
-      const double g = static_cast<double>(base[j]);
-      out[j] = narrow<O>(g + server_lr * (acc[j] / total_weight - g));
-    }
-  }
-}
-
 // a + w * x with one rounding wherever the explicit AVX2 loops (which use _mm256_fmadd_pd) are
 // compiled, so that an element gives the same bits in a vector body and in a scalar tail, and
 // thus whatever the thread chunking. Without them every path is this same scalar expression.
@@ -66,7 +53,39 @@ inline double madd(double a, double w, double x) {
 #if defined(MARS_SIMD4_AVX2)
 inline __m256d load4(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
 inline __m256d load4(const double* p) { return _mm256_loadu_pd(p); }
+inline void store4(float* p, __m256d v) { _mm_storeu_ps(p, _mm256_cvtpd_ps(v)); }
+inline void store4(double* p, __m256d v) { _mm256_storeu_pd(p, v); }
 #endif
+
+// out[j] = acc[j] / total_weight, or base[j] + server_lr * (acc[j] / total_weight - base[j]) (one
+// fused multiply-add, see madd), narrowed to O with IEEE round-to-nearest (the AVX2 conversion
+// rounds like narrow(): out of float's range -> +-inf, NaN stays NaN).
+template <typename T, typename O>
+inline void write_block(const double* acc, double total_weight, std::int64_t len, O* out,
+                        const T* base, double server_lr) {
+  std::int64_t j = 0;
+#if defined(MARS_SIMD4_AVX2)
+  const __m256d tw = _mm256_set1_pd(total_weight);
+  if (base == nullptr) {
+    for (; j + 4 <= len; j += 4) store4(out + j, _mm256_div_pd(_mm256_loadu_pd(acc + j), tw));
+  } else {
+    const __m256d lr = _mm256_set1_pd(server_lr);
+    for (; j + 4 <= len; j += 4) {
+      const __m256d g = load4(base + j);
+      const __m256d d = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(acc + j), tw), g);
+      store4(out + j, _mm256_fmadd_pd(lr, d, g));
+    }
+  }
+#endif
+  if (base == nullptr) {
+    for (; j < len; ++j) out[j] = narrow<O>(acc[j] / total_weight);
+  } else {
+    for (; j < len; ++j) {
+      const double g = static_cast<double>(base[j]);
+      out[j] = narrow<O>(madd(g, server_lr, acc[j] / total_weight - g));
+    }
+  }
+}
 
 template <typename T>
 inline std::uint64_t bits_of(T v) {

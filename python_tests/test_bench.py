@@ -266,3 +266,14 @@ def test_console_script_routes_bench(tmp_path, capsys):
                  "--repeat", "1", "--threads", "1", "--quiet", "--json", str(tmp_path / "r.json")])
     assert code == 0
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["group"] == "aggregate"
+
+
+def test_command_line_is_reconstructed_once_for_every_entry_point():
+    from mars_native.bench.cli import _command_line
+
+    want = "mars-native bench --full --out 'a b'"
+    assert _command_line(["/venv/bin/mars-native", "bench", "--full", "--out", "a b"]) == want
+    assert _command_line(["/src/mars_native/cli.py", "bench", "--full", "--out", "a b"]) == want
+    assert _command_line(["/src/mars_native/bench/cli.py", "--full", "--out", "a b"]) == want
+    assert _command_line(["/usr/bin/pytest", "-q"]) is None
+    assert _command_line([]) is None

@@ -136,13 +136,7 @@ def run(args: argparse.Namespace) -> int:
         results["load_average_end"] = list(os.getloadavg())
     except OSError:  # pragma: no cover
         results["load_average_end"] = None
-    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if prog.startswith("mars-native") and sys.argv[1:2] == ["bench"]:
-        results["command"] = "mars-native bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    elif prog == "cli.py":  # python -m mars_native.bench.cli
-        results["command"] = "mars-native bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    else:  # called from Python (tests, notebooks)
-        results["command"] = None
+    results["command"] = _command_line(sys.argv)
     results["targets"] = report.targets(results)
     results["scaling"] = report.scaling(results)
     print(report.text_tables(results))
@@ -165,6 +159,18 @@ def run(args: argparse.Namespace) -> int:
             fh.write(report.markdown_report(results, results["command"], rel_png))
         print(f"wrote {md_path}")
     return 0
+
+
+def _command_line(argv: list[str]) -> str | None:
+    """``mars-native bench ...`` as typed, from ``sys.argv`` of the console script,
+    ``python -m mars_native.cli`` or ``python -m mars_native.bench.cli``; None from Python."""
+    prog = os.path.basename(argv[0]) if argv else ""
+    if not (prog.startswith("mars-native") or prog == "cli.py"):
+        return None  # called from Python (tests, notebooks)
+    rest = argv[1:]
+    if rest[:1] == ["bench"]:
+        rest = rest[1:]
+    return " ".join(["mars-native", "bench", *(shlex.quote(a) for a in rest)])
 
 
 def main(argv: list[str] | None = None) -> int:

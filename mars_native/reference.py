@@ -160,7 +160,8 @@ def stream_sum(arrays: list[ArrayLike]) -> float:
 
     Twin of ``_core.stream_sum`` (the benchmarks' stream-read floor). The compiled kernel sums
     blocks of 16,384 elements in 16 float32 (or 8 float64) lanes of the input dtype, so it agrees
-    within ``~1e-4 * sum |x|`` for float32 input and ``~1e-12 * sum |x|`` for float64.
+    within ``~1e-4 * sum |x|`` for float32 input and ``~1e-12 * sum |x|`` for float64 (as long as
+    a lane's 1,024 float32 values do not overflow float32; it is a benchmark floor, not a reducer).
     """
     return float(sum(float(np.sum(np.asarray(a), dtype=np.float64)) for a in arrays))
 

@@ -311,22 +311,12 @@ def weighted_mean_cuda(buffers: Sequence[Any], weights: Any = None, *, base: Any
     return out
 
 
-# State-dict level functions live in _cuda_states (which imports the kernels above); they are
-# re-exported here lazily so that either module can be imported first.
-_STATE_FUNCTIONS = frozenset({
-    "aggregate_states_cuda",
-    "backdoor_energy_cuda",
-    "bn_scale_cuda",
-    "concentrated_backdoor_energy_batch_cuda",
-    "concentrated_backdoor_energy_cuda",
-    "device_template",
-    "non_finite_keys",
-})
-
-
+# State-dict level functions live in _cuda_states (which imports the kernels above); its __all__
+# is re-exported here lazily so that either module can be imported first.
 def __getattr__(name: str) -> Any:
-    if name in _STATE_FUNCTIONS:
+    if not name.startswith("__"):
         from mars_native import _cuda_states
 
-        return getattr(_cuda_states, name)
+        if name in getattr(_cuda_states, "__all__", ()):  # () while it is still importing
+            return getattr(_cuda_states, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

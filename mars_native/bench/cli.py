@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import sys
 from typing import Any
+
+from mars_native._json import json_safe
 
 __all__ = ["add_arguments", "run"]
 
@@ -99,18 +100,6 @@ def _config(args: argparse.Namespace) -> Any:
     return Config.full(**overrides) if args.full else Config.quick(**overrides)
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if hasattr(x, "item") and callable(x.item):  # NumPy scalars
-        return _json_safe(x.item())
-    return x
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs the suite; prints the tables; writes the requested files. Returns 0."""
     from mars_native.bench import cases, plot, report
@@ -150,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {png_path}")
     if json_path:
         with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump(_json_safe(results), fh, indent=1, allow_nan=False)
+            json.dump(json_safe(results), fh, indent=1, allow_nan=False)
             fh.write("\n")
         print(f"wrote {json_path}")
     if md_path:

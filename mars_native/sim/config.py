@@ -205,7 +205,7 @@ class SimConfig:
                                          ("defense_params", self.defense_params, make_defense)):
             for name, kwargs in params.items():
                 if not isinstance(kwargs, dict):
-                    raise ValueError(f"SimConfig.{field_name}[{name!r}] must be a table of "
+                    raise ValueError(f"SimConfig.{field_name}[{name!r}] must be a table of "  # noqa: TRY004 (validate: ValueError per field)
                                      f"parameters, got {kwargs!r}")
                 try:
                     make(name, **kwargs)

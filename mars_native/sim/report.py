@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import platform
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._json import json_safe
 from .config import SimConfig
 from .data import load_dataset
 from .loop import RunResult, prepare_start, run_simulation
@@ -198,20 +198,10 @@ def run_experiments(
 
 
 # -- files ----------------------------------------------------------------------------------------
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def results_payload(config: SimConfig, results: Iterable[RunResult], **meta: Any) -> dict:
     import torch
 
-    return _json_safe({
+    return json_safe({
         "config": config.to_dict(),
         "results": [r.row(with_rounds=True) for r in results],
         "meta": {

@@ -19,9 +19,10 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .._json import json_safe
 from .config import SimConfig
 from .loop import RunResult
-from .report import SUMMARY_COLUMNS, _csv_value, _json_safe, resolve_jobs, run_pairs
+from .report import SUMMARY_COLUMNS, _csv_value, resolve_jobs, run_pairs
 
 __all__ = ["SWEEPS", "run_sweep", "sweep_configs", "sweep_values"]
 
@@ -114,7 +115,7 @@ def write_sweep(out_dir: str | Path, kind: str, config: SimConfig,
         row["sweep"] = kind
         rows.append(row)
     paths = {"json": out / f"sweep-{kind}.json", "csv": out / f"sweep-{kind}.csv"}
-    paths["json"].write_text(json.dumps(_json_safe(
+    paths["json"].write_text(json.dumps(json_safe(
         {"config": config.to_dict(), "sweep": kind, "results": rows}), indent=1))
     cols = ["sweep", "value", *SUMMARY_COLUMNS]
     with open(paths["csv"], "w", newline="") as fh:

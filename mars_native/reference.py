@@ -166,6 +166,18 @@ def stream_sum(arrays: list[ArrayLike]) -> float:
     return float(sum(float(np.sum(np.asarray(a), dtype=np.float64)) for a in arrays))
 
 
+def first_non_finite(arrays: list[ArrayLike]) -> int:
+    """Index of the first array holding a NaN or an infinity, or -1 when every value is finite.
+
+    Twin of ``_core.first_non_finite`` (which tests the exponent bits of float32/float64 values
+    in place); the arrays may have any shapes.
+    """
+    for i, a in enumerate(arrays):
+        if not np.isfinite(np.asarray(a)).all():
+            return i
+    return -1
+
+
 def buffer_checksum(x: ArrayLike) -> int:
     """The 64-bit checksum ``_core.accumulate`` returns: ``sum_j (bits_j ^ (j * K1)) * K2`` mod
     2**64 over the flat bit patterns of a float32/float64 array (bit-identical twin)."""

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from mars_native._arrays import is_mapping, to_numpy
+from mars_native import _core
+from mars_native._arrays import NATIVE_FLOAT_DTYPES, is_mapping, to_numpy
 from mars_native._cuda_arrays import is_cuda_state
 
 #: key -> (shape, dtype) of a state_dict.
@@ -116,13 +117,33 @@ def check_finite(state: Any, skip: Collection[str] = ()) -> str | None:
 
         bad = [k for k in non_finite_keys(state) if str(k) not in skip]
         return f"non_finite: {bad[0]!r} holds NaN/Inf value(s)" if bad else None
+    # float32/float64 C-contiguous arrays (the common case) are checked in one native call per
+    # run of them, in key order; anything else (float16, complex, strided views) one by one.
+    run: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> str | None:
+        if not run:
+            return None
+        bad = int(_core.first_non_finite([arr for _, arr in run]))
+        reason = non_finite_reason(*run[bad]) if bad >= 0 else None
+        run.clear()
+        return reason
+
     for key in state.keys():  # noqa: SIM118 - duck-typed mappings (keys + __getitem__)
         if str(key) in skip:
             continue
         arr = to_numpy(state[key], name=str(key))
-        if not all_finite(arr):
-            return non_finite_reason(str(key), arr)
-    return None
+        if arr.dtype.kind not in "fc" or arr.size == 0:
+            continue
+        if arr.dtype in NATIVE_FLOAT_DTYPES and arr.flags.c_contiguous and arr.flags.aligned:
+            run.append((str(key), arr))
+            continue
+        reason = flush()
+        if reason is None and not all_finite(arr):
+            reason = non_finite_reason(str(key), arr)
+        if reason is not None:
+            return reason
+    return flush()
 
 
 def check_state(

@@ -308,3 +308,40 @@ def test_stream_sum_rejects_what_it_cannot_read():
         _core.stream_sum(np.ones(3))
     with pytest.raises(ValueError, match="n_threads"):
         _core.stream_sum([np.ones(3)], -1)
+
+
+# ---------------------------------------------------------------------------- first_non_finite
+def _with_specials(dtype):
+    return st.one_of(_values(dtype), st.sampled_from([np.nan, np.inf, -np.inf]))
+
+
+@given(st.lists(float_dtypes.flatmap(lambda d: hnp.arrays(d, st.integers(0, 9000), elements=_with_specials(d))),
+                max_size=6))
+def test_first_non_finite_matches_reference(arrays):
+    assert _core.first_non_finite(arrays) == reference.first_non_finite(arrays)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "nan-payload"])
+def test_first_non_finite_finds_one_value_anywhere(dtype, bad):
+    arrays = [np.zeros(5, dtype), np.ones(10_000, dtype), np.zeros((3, 4), dtype)]
+    assert _core.first_non_finite(arrays) == -1
+    for where in (0, 4095, 4096, 9_999):
+        x = arrays[1].copy()
+        if bad == "nan-payload":  # a NaN with a non-default payload and the sign bit set
+            x.view(np.uint32 if dtype == np.float32 else np.uint64)[where] = (
+                0xFF800001 if dtype == np.float32 else 0xFFF0000000000001)
+        else:
+            x[where] = bad
+        assert _core.first_non_finite([arrays[0], x, x]) == 1
+    # The largest finite values and subnormals are finite.
+    info = np.finfo(dtype)
+    assert _core.first_non_finite([np.array([info.max, -info.max, info.tiny / 2], dtype)]) == -1
+
+
+def test_first_non_finite_rejects_what_it_cannot_read():
+    with pytest.raises(TypeError, match=r"arrays\[1\] must be float32 or float64"):
+        _core.first_non_finite([np.ones(3, np.float32), np.arange(3)])
+    with pytest.raises(ValueError, match=r"arrays\[0\] must be C-contiguous"):
+        _core.first_non_finite([np.ones((4, 4))[:, ::2]])
+    assert _core.first_non_finite([]) == -1

@@ -130,6 +130,7 @@ SPECS: dict[str, list[st.SearchStrategy]] = {
                   threads, st.one_of(st.none(), float_views), floats_any],
     "accumulate": [views(raw_arrays([np.float64, np.float32])), views(), floats_any, threads],
     "stream_sum": [st.one_of(st.lists(views(), max_size=4), views()), threads],
+    "first_non_finite": [st.one_of(st.lists(views(), max_size=4), views())],
     "finalize_mean": [views(raw_arrays([np.float64, np.float32])), floats_any,
                       st.sampled_from([None, np.float32, np.float64, np.int64]), threads,
                       st.one_of(st.none(), views()), floats_any],

@@ -2,6 +2,7 @@
 // accumulate(acc, x, weight, n_threads) -> (max_abs, checksum); acc += weight * x in place
 // finalize_mean(acc, total_weight, out_dtype, n_threads, base, server_lr) -> array
 // stream_sum(arrays, n_threads) -> float: every element read once (the benchmarks' floor)
+// first_non_finite(arrays) -> int: index of the first array holding NaN/Inf, or -1
 //
 // These read float32/float64 arrays in place: no conversion and no copy. Anything else (other
 // dtypes, non-contiguous or misaligned views, read-only accumulators) is a TypeError/ValueError
@@ -266,14 +267,13 @@ py::array finalize_mean(const py::object& acc_obj, double total_weight, const py
                                 : finalize_typed<double, double>(acc, total_weight, &base, server_lr, n_threads);
 }
 
-double stream_sum(const py::object& arrays_obj, int n_threads) {
-  n_threads = threads_arg(n_threads);
+// Flat views of a list/tuple of float32/float64 C-contiguous arrays (kept alive in keep).
+std::vector<mars::stream::Span> float_spans(const py::object& arrays_obj, std::vector<py::array>& keep) {
   if (!py::isinstance<py::list>(arrays_obj) && !py::isinstance<py::tuple>(arrays_obj)) {
     throw py::type_error("arrays must be a list or tuple of arrays, got " +
                          py::str(py::type::of(arrays_obj)).cast<std::string>());
   }
   const auto seq = py::reinterpret_borrow<py::sequence>(arrays_obj);
-  std::vector<py::array> keep;
   std::vector<mars::stream::Span> spans;
   keep.reserve(py::len(seq));
   spans.reserve(py::len(seq));
@@ -286,8 +286,22 @@ double stream_sum(const py::object& arrays_obj, int n_threads) {
     spans.push_back({arr.data(), static_cast<std::int64_t>(arr.size()), k == Float::f64});
     keep.push_back(std::move(arr));
   }
+  return spans;
+}
+
+double stream_sum(const py::object& arrays_obj, int n_threads) {
+  n_threads = threads_arg(n_threads);
+  std::vector<py::array> keep;
+  const auto spans = float_spans(arrays_obj, keep);
   py::gil_scoped_release release;
   return mars::stream::sum(spans, n_threads);
+}
+
+std::int64_t first_non_finite(const py::object& arrays_obj) {
+  std::vector<py::array> keep;
+  const auto spans = float_spans(arrays_obj, keep);
+  py::gil_scoped_release release;
+  return mars::stream::first_non_finite(spans);
 }
 
 }  // namespace
@@ -297,6 +311,10 @@ void register_aggregate(py::module_& m) {
         "Sum of every element of float32/float64 C-contiguous arrays, each read once (the "
         "benchmarks' stream-read floor). Blocks of 16384 elements, lane sums in the input dtype, "
         "block sums added in order in float64: the same result for any n_threads.");
+  m.def("first_non_finite", &first_non_finite, py::arg("arrays"),
+        "Index of the first of the float32/float64 C-contiguous arrays that holds a NaN or an "
+        "infinity, or -1 when all values are finite (one pass, bit tests, stops at the first bad "
+        "array).");
   m.def("aggregate", &aggregate, py::arg("buffers"), py::arg("weights"),
         py::arg("out_dtype") = py::none(), py::arg("n_threads") = 0, py::arg("base") = py::none(),
         py::arg("server_lr") = 1.0,

@@ -1,6 +1,7 @@
 #include "mars/stream.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include "mars/parallel.hpp"
 
@@ -28,7 +29,36 @@ double block_sum(const T* x, std::int64_t n) {
   return s;
 }
 
+// True when some x[i] is NaN/Inf: its exponent field is all ones. U is the unsigned integer of
+// the float's width; the loop ORs lanes of flags so that it vectorises and exits once per chunk.
+template <typename U>
+bool has_non_finite(const void* data, std::int64_t n) {
+  constexpr U kExp = static_cast<U>(sizeof(U) == 4 ? 0x7f800000ull : 0x7ff0000000000000ull);
+  const auto* x = static_cast<const unsigned char*>(data);
+  constexpr std::int64_t kChunk = 4096;
+  for (std::int64_t c = 0; c < n; c += kChunk) {
+    const std::int64_t end = std::min(n, c + kChunk);
+    U any = 0;
+    for (std::int64_t i = c; i < end; ++i) {
+      U bits;
+      std::memcpy(&bits, x + i * static_cast<std::int64_t>(sizeof(U)), sizeof(U));
+      any |= static_cast<U>((bits & kExp) == kExp);
+    }
+    if (any) return true;
+  }
+  return false;
+}
+
 }  // namespace
+
+std::int64_t first_non_finite(const std::vector<Span>& spans) {
+  for (std::size_t k = 0; k < spans.size(); ++k) {
+    const bool bad = spans[k].f64 ? has_non_finite<std::uint64_t>(spans[k].data, spans[k].n)
+                                  : has_non_finite<std::uint32_t>(spans[k].data, spans[k].n);
+    if (bad) return static_cast<std::int64_t>(k);
+  }
+  return -1;
+}
 
 double sum(const std::vector<Span>& spans, int n_threads) {
   std::vector<Block> blocks;

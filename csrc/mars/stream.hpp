@@ -21,6 +21,11 @@ struct Span {
 // are added in block order in double, so the result does not depend on n_threads.
 double sum(const std::vector<Span>& spans, int n_threads);
 
+// Index of the first span holding a NaN or an infinity (a float whose exponent bits are all
+// ones), or -1 when every value is finite. One pass, integer bit tests (no floating-point
+// exceptions); spans are checked in order and the scan stops at the first bad span.
+std::int64_t first_non_finite(const std::vector<Span>& spans);
+
 // Elements per block (exposed for the NumPy twin).
 constexpr std::int64_t kBlock = 1 << 14;
 

@@ -20,7 +20,12 @@ from mars_native._native import (
 )
 from mars_native.cluster import KWMeans
 from mars_native.defense import MARS, Detection
-from mars_native.energy import backdoor_energy, concentrated_backdoor_energy
+from mars_native.energy import (
+    backdoor_energies,
+    backdoor_energy,
+    concentrated_backdoor_energies,
+    concentrated_backdoor_energy,
+)
 from mars_native.layers import Layer, find_layers
 
 __version__ = "0.1.0"
@@ -45,9 +50,11 @@ __all__ = [
     "KWMeans",
     "Layer",
     "__version__",
+    "backdoor_energies",
     "backdoor_energy",
     "build_info",
     "channel_spectral_norms",
+    "concentrated_backdoor_energies",
     "concentrated_backdoor_energy",
     "find_layers",
     "get_num_threads",

@@ -21,11 +21,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mars_native import _cuda
+from mars_native import _core, _cuda
 from mars_native._arrays import is_mapping, to_numpy
-from mars_native._native import wasserstein_1d
+from mars_native._native import _threads, wasserstein_1d
 from mars_native.cluster import KWMeans
-from mars_native.energy import backdoor_energy, concentrate, concentrated_backdoor_energy
+from mars_native.energy import backdoor_energy, concentrate, concentrated_backdoor_energy, layer_inputs
 from mars_native.layers import Layer, find_layers
 from mars_native.validation import (
     Template,
@@ -39,6 +39,14 @@ from mars_native.validation import (
 
 Selection = Literal["norm", "majority"]
 Mode = Literal["paper", "official"]
+
+
+def _input_reason(exc: Exception) -> str:
+    """The rejection reason for a client whose tensors could not be scored."""
+    msg = str(exc)
+    if isinstance(exc, ValueError) and msg.startswith("no scorable layer"):
+        return f"no_scorable_layer: {msg}"
+    return f"invalid_type: {msg}"
 
 
 def _json_float(x: float) -> float | None:
@@ -273,38 +281,89 @@ class MARS:
         Returns:
             ``(cbe, None)`` with cbe float64 (d,), or ``(None, "<code>: <detail>")``.
         """
+        if on_device(state):
+            return self._client_cbe_cuda(state, template, reference)
+        layers, reason = self._host_checks(state, template, reference)
+        if reason is not None:
+            return None, reason
+        try:
+            energies = backdoor_energy(state, layers=layers, bn_eps=self.bn_eps, mode=self.mode,
+                                       n_threads=self.n_threads)
+        except (TypeError, ValueError) as exc:
+            return None, _input_reason(exc)
+        return self._host_cbe(state, layers, energies)
+
+    def _host_checks(
+        self, state: Any, template: Template | None, reference: Mapping[str, Any] | None
+    ) -> tuple[list[Layer], str | None]:
+        """Everything about a host (CPU) client that can be checked before its layers are scored:
+        ``(layers, None)``, or ``([], reason)``."""
         # One pass over the scored weights: the spectral kernel yields NaN for a channel holding a
         # NaN/Inf value, so those keys are not read a second time by the finiteness check; every
         # other tensor is checked first. (When several tensors are non-finite, the reason names a
         # non-scored one before a scored one.)
-        if on_device(state):
-            return self._client_cbe_cuda(state, template, reference)
         reason = check_state(state, template, finite=False)
         if reason is not None:
-            return None, reason
+            return [], reason
         try:
             layers = self.layers_for(state, reference)
-            reason = check_finite(state, skip={layer.weight_key for layer in layers})
-            if reason is not None:
-                return None, reason
-            if not layers:
-                what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
-                return None, f"no_scorable_layer: the model has no {what}"
-            energies = backdoor_energy(state, layers=layers, bn_eps=self.bn_eps, mode=self.mode,
-                                       n_threads=self.n_threads)
-            for layer, be in zip(layers, energies.values()):
-                if not np.isfinite(be).all():
-                    reason = non_finite_reason(layer.weight_key, to_numpy(state[layer.weight_key]))
-                    if reason is not None:
-                        return None, reason
-            cbe = concentrate(energies, self.kappa, self.mode, include_linear=self.include_linear)
-        except TypeError as exc:
-            return None, f"invalid_type: {exc}"
-        except ValueError as exc:
-            msg = str(exc)
-            code = "no_scorable_layer" if msg.startswith("no scorable layer") else "invalid_type"
-            return None, f"{code}: {msg}"
-        return cbe, None
+        except (TypeError, ValueError) as exc:
+            return [], _input_reason(exc)
+        reason = check_finite(state, skip={layer.weight_key for layer in layers})
+        if reason is not None:
+            return [], reason
+        if not layers:
+            what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
+            return [], f"no_scorable_layer: the model has no {what}"
+        return layers, None
+
+    def _host_cbe(
+        self, state: Any, layers: Sequence[Layer], energies: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray | None, str | None]:
+        """The CBE of a host client from its BE values (non-finite ones name their weight)."""
+        for layer, be in zip(layers, energies.values()):
+            if not np.isfinite(be).all():
+                reason = non_finite_reason(layer.weight_key, to_numpy(state[layer.weight_key]))
+                return None, reason or (f"non_finite: the backdoor energy of {layer.name!r} overflows "
+                                        "float64 (finite weights times a huge BN scale)")
+        try:
+            return concentrate(energies, self.kappa, self.mode, include_linear=self.include_linear), None
+        except (TypeError, ValueError) as exc:
+            return None, _input_reason(exc)
+
+    def _host_cbes(
+        self, states: Sequence[Any], template: Template | None, reference: Mapping[str, Any] | None
+    ) -> list[tuple[np.ndarray | None, str | None]]:
+        """``client_cbe`` of many host clients, with every scored layer of every valid client in
+        one native call (the threads share the round's work); the same values, bit for bit."""
+        results: list[tuple[np.ndarray | None, str | None]] = []
+        scored: list[tuple[int, list[Layer]]] = []
+        weights: list[np.ndarray] = []
+        scales: list[np.ndarray | None] = []
+        for i, state in enumerate(states):
+            layers, reason = self._host_checks(state, template, reference)
+            if reason is None:
+                try:
+                    w, sc = layer_inputs(state, layers, self.bn_eps, self.mode)
+                except (TypeError, ValueError) as exc:
+                    reason = _input_reason(exc)
+                else:
+                    scored.append((i, layers))
+                    weights += w
+                    scales += sc
+            results.append((None, reason))
+        if not scored:
+            return results
+        try:
+            values = iter(_core.channel_spectral_norms_batch(weights, scales, _threads(self.n_threads)))
+        except (TypeError, ValueError):  # not expected after layer_inputs; let each client say why
+            for i, _ in scored:
+                results[i] = self.client_cbe(states[i], template, reference)
+            return results
+        for i, layers in scored:
+            energies = {layer.name: next(values) for layer in layers}
+            results[i] = self._host_cbe(states[i], layers, energies)
+        return results
 
     def _client_cbe_cuda(
         self, state: Any, template: Template | None, reference: Mapping[str, Any] | None
@@ -365,12 +424,14 @@ class MARS:
         if global_state is not None:
             global_state = self._on_device(global_state)
         template = state_template(global_state) if global_state is not None else majority_template(states)
-        cbes: list[np.ndarray | None] = []
-        reasons: list[str | None] = []
-        for state in states:
-            cbe, reason = self.client_cbe(state, template, global_state)
-            cbes.append(cbe)
-            reasons.append(reason)
+        host = [i for i, state in enumerate(states) if not on_device(state)]
+        results: list[tuple[np.ndarray | None, str | None]] = [(None, None)] * len(states)
+        for i, res in zip(host, self._host_cbes([states[i] for i in host], template, global_state)):
+            results[i] = res
+        for i in sorted(set(range(len(states))) - set(host)):
+            results[i] = self.client_cbe(states[i], template, global_state)
+        cbes = [cbe for cbe, _ in results]
+        reasons = [reason for _, reason in results]
         report = self.decide(cbes, reasons)
         first_valid = next((s for s, r in zip(states, reasons) if r is None), None)
         if first_valid is not None:

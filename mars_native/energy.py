@@ -50,7 +50,8 @@ def bn_scale(
         if gkey in state_dict
         else np.ones_like(var)
     )
-    return gamma / np.sqrt(var + bn_eps)
+    with np.errstate(over="ignore"):  # an overflow gives inf, which callers reject by name
+        return gamma / np.sqrt(var + bn_eps)
 
 
 def _layers(
@@ -100,21 +101,90 @@ def backdoor_energy(
         GPU, as device arrays, when the state_dict holds CUDA tensors).
     """
     _check_mode(mode)
-    if on_device(state_dict):
-        found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
-        return _cuda.backdoor_energy_cuda(state_dict, found, bn_eps=bn_eps, mode=mode)
     found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
+    if on_device(state_dict):
+        return _cuda.backdoor_energy_cuda(state_dict, found, bn_eps=bn_eps, mode=mode)
+    return _energies_many([state_dict], [found], bn_eps, mode, n_threads)[0]
+
+
+def layer_inputs(
+    state_dict: Mapping[str, Any], layers: Sequence[Layer], bn_eps: float = 1e-5, mode: Mode = "paper"
+) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """What the spectral kernel reads for ``layers`` of one model: per layer the weight (a
+    Linear's ``(out, in)`` viewed as ``(out, in, 1)``; float32/float64 without a copy) and its
+    BN scale (float64 ``(out,)``, or None without a BN).
+
+    Raises ``TypeError`` for a non-float weight and ``ValueError`` naming the BN when its scale
+    is not finite (e.g. ``|gamma|`` near the float64 maximum).
+    """
     weights, scales = [], []
-    for layer in found:
+    for layer in layers:
         weight = as_float_array(state_dict[layer.weight_key], name=layer.weight_key)
-        scales.append(bn_scale(state_dict, layer.bn_prefix, bn_eps, mode) if layer.bn_prefix is not None else None)
+        scale = None
+        if layer.bn_prefix is not None:
+            scale = bn_scale(state_dict, layer.bn_prefix, bn_eps, mode)
+            if not np.isfinite(scale).all():
+                raise ValueError(f"BatchNorm {layer.bn_prefix!r} of {layer.weight_key!r} has a non-finite "
+                                 "scale |gamma| / sqrt(var + eps)")
         if layer.kind == "linear":
             weight = weight.reshape(weight.shape[0], weight.shape[1], 1)
         weights.append(weight)
-    # Every layer in one native call (one parallel region, GIL released once): bit-identical to
-    # channel_spectral_norms per layer, without the per-layer call and thread start-up costs.
-    values = _core.channel_spectral_norms_batch(weights, scales, _threads(n_threads))
-    return {layer.name: v for layer, v in zip(found, values)}
+        scales.append(scale)
+    return weights, scales
+
+
+def _energies_many(
+    states: Sequence[Mapping[str, Any]],
+    layers: Sequence[Sequence[Layer]],
+    bn_eps: float,
+    mode: Mode,
+    n_threads: int | None,
+) -> list[dict[str, np.ndarray]]:
+    """BE of the host models ``states[i]`` (scored layers ``layers[i]``) in one native call."""
+    weights: list[np.ndarray] = []
+    scales: list[np.ndarray | None] = []
+    for state, found in zip(states, layers):
+        w, sc = layer_inputs(state, found, bn_eps, mode)
+        weights += w
+        scales += sc
+    # Every layer of every model in one native call (one parallel region, GIL released once):
+    # bit-identical to channel_spectral_norms per layer, without the per-layer (and per-model)
+    # call and thread start-up costs.
+    values = iter(_core.channel_spectral_norms_batch(weights, scales, _threads(n_threads)))
+    return [{layer.name: next(values) for layer in found} for found in layers]
+
+
+def backdoor_energies(
+    states: Sequence[Mapping[str, Any]],
+    *,
+    include_linear: bool = False,
+    reference: Mapping[str, Any] | None = None,
+    layer_map: Any = None,
+    layers: Sequence[Layer] | None = None,
+    bn_eps: float = 1e-5,
+    mode: Mode = "paper",
+    n_threads: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """:func:`backdoor_energy` of many models, computed together: every scored layer of every
+    host model in one native call, so that the threads share the work of the whole round.
+
+    Arguments as :func:`backdoor_energy` (``layers``, when given, applies to every model; else
+    each model's layers are found on its own). Returns one dict per model, in order, with the
+    same values, bit for bit, as one :func:`backdoor_energy` call per model. Models held on a
+    GPU are scored on their device, one by one.
+    """
+    _check_mode(mode)
+    states = list(states)
+    found = [_layers(s, layers, include_linear, reference, layer_map, mode) for s in states]
+    out: list[dict[str, np.ndarray] | None] = [None] * len(states)
+    host = [i for i, s in enumerate(states) if not on_device(s)]
+    for i in set(range(len(states))) - set(host):
+        out[i] = _cuda.backdoor_energy_cuda(states[i], found[i], bn_eps=bn_eps, mode=mode)
+    if host:
+        values = _energies_many([states[i] for i in host], [found[i] for i in host], bn_eps, mode, n_threads)
+        for i, v in zip(host, values):
+            out[i] = v
+    return out  # type: ignore[return-value]
 
 
 def concentrated_backdoor_energy(
@@ -154,6 +224,50 @@ def concentrated_backdoor_energy(
         n_threads=n_threads,
     )
     return concentrate(energies, kappa, mode, include_linear=include_linear)
+
+
+def concentrated_backdoor_energies(
+    states: Sequence[Mapping[str, Any]],
+    kappa: float = 0.05,
+    mode: Mode = "paper",
+    *,
+    include_linear: bool = False,
+    reference: Mapping[str, Any] | None = None,
+    layer_map: Any = None,
+    layers: Sequence[Layer] | None = None,
+    bn_eps: float = 1e-5,
+    n_threads: int | None = None,
+) -> np.ndarray:
+    """The CBEs of N models (one row each), float64 array of shape (N, d): the rows of
+    :func:`concentrated_backdoor_energy`, bit for bit, with every layer of every model scored in
+    one native call (:func:`backdoor_energies`). A server scoring a round should use this.
+
+    Raises ``ValueError`` when ``states`` is empty, when a model has no scorable layer (the
+    message names its index), or when the models' CBEs differ in length (different layers).
+    """
+    _check_mode(mode)
+    states = list(states)
+    if not states:
+        raise ValueError("concentrated_backdoor_energies needs at least one state_dict; got none")
+    kw = {"include_linear": include_linear, "reference": reference, "layer_map": layer_map,
+          "layers": layers, "bn_eps": bn_eps}
+    host = [i for i, s in enumerate(states) if not on_device(s)]
+    host_energies = dict(zip(host, backdoor_energies([states[i] for i in host], mode=mode,
+                                                     n_threads=n_threads, **kw))) if host else {}
+    rows = []
+    for i, state in enumerate(states):
+        try:
+            if i in host_energies:
+                cbe = concentrate(host_energies[i], kappa, mode, include_linear=include_linear)
+            else:  # a GPU model: scored on its device, only the CBE comes back
+                cbe = _cuda.to_host(concentrated_backdoor_energy(state, kappa, mode, **kw))
+        except ValueError as exc:
+            raise ValueError(f"states[{i}]: {exc}") from exc
+        rows.append(np.asarray(cbe, dtype=np.float64))
+        if rows[-1].shape != rows[0].shape:
+            raise ValueError(f"states[{i}] has a CBE of length {rows[-1].size} but states[0] has "
+                             f"{rows[0].size}: the models score different layers")
+    return np.stack(rows)
 
 
 def concentrate(

@@ -87,3 +87,40 @@ def test_public_cbe_still_raises_on_non_finite_weights():
     state["conv1.weight"][0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="finite"):
         concentrated_backdoor_energy(state)
+
+
+def test_batch_detect_equals_client_cbe_for_every_kind_of_client():
+    """detect() scores the valid clients of a round in one native call; every client's CBE and
+    reason are those of client_cbe alone."""
+    from mars_native.validation import majority_template
+
+    states = _states(8)
+    states[1]["conv2.weight"][3, 2, 1, 1] = np.nan          # scored weight
+    states[2]["bn1.running_mean"][0] = np.inf                # non-scored tensor
+    states[3]["conv1.weight"] = states[3]["conv1.weight"].astype(np.int32)  # dtype mismatch
+    states[4] = {k: v for k, v in states[4].items() if k != "fc.bias"}       # missing key
+    mars = MARS(n_threads=2)
+    report = mars.detect(states)
+    template = majority_template(states)
+    codes = []
+    for i, state in enumerate(states):
+        cbe, reason = mars.client_cbe(state, template)
+        codes.append(reason.split(":")[0] if reason else None)
+        if reason is not None:
+            assert report.reasons[i] == reason and report.labels[i] == -1
+        else:
+            np.testing.assert_array_equal(report.cbe[i], cbe)
+    assert codes == [None, "non_finite", "non_finite", "dtype_mismatch", "missing_keys", None, None, None]
+
+
+def test_infinite_bn_scale_rejects_only_that_client():
+    states = _states(6, dtype=np.float64)
+    states[2]["bn2.weight"][:] = 1e308  # finite, but |gamma| / sqrt(var + eps) overflows
+    states[2]["bn2.running_var"][:] = 0.0
+    states[4]["bn1.weight"][:] = 1e308  # a finite scale, but sigma_max * scale overflows
+    report = MARS(n_threads=2).detect(states)
+    assert report.reasons[2] == ("invalid_type: BatchNorm 'bn2' of 'conv2.weight' has a non-finite "
+                                 "scale |gamma| / sqrt(var + eps)")
+    assert report.reasons[4] == ("non_finite: the backdoor energy of 'conv1' overflows float64 "
+                                 "(finite weights times a huge BN scale)")
+    assert all(report.labels[i] >= 0 for i in (0, 1, 3, 5))

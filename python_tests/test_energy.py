@@ -108,3 +108,50 @@ def test_no_scorable_layer_and_bad_mode():
         concentrated_backdoor_energy({"c.weight": np.ones((3, 4, 1), np.float32)}, mode="fast")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="c.weight"):
         backdoor_energy({"c.weight": np.ones((3, 4, 1), np.int32)})
+
+
+# ------------------------------------------------------------------ many models in one native call
+def _clients(n: int = 4, seed: int = 3) -> list[dict[str, np.ndarray]]:
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        states.append(_state(randomize_bn(SmallCNN(), g)))
+    states[1] = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in states[1].items()}
+    return states
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_many_models_equal_one_call_per_model_bitwise(mode):
+    from mars_native.energy import backdoor_energies, concentrated_backdoor_energies
+
+    states = _clients()
+    many = backdoor_energies(states, mode=mode, n_threads=2)
+    for state, got in zip(states, many):
+        one = backdoor_energy(state, mode=mode, n_threads=1)
+        assert list(got) == list(one)
+        for name in one:
+            np.testing.assert_array_equal(got[name], one[name])
+    cbes = concentrated_backdoor_energies(states, 0.1, mode, n_threads=3)
+    assert cbes.shape[0] == len(states) and cbes.dtype == np.float64
+    for state, row in zip(states, cbes):
+        np.testing.assert_array_equal(row, concentrated_backdoor_energy(state, 0.1, mode, n_threads=1))
+
+
+def test_many_models_errors_name_the_model():
+    from mars_native.energy import backdoor_energies, concentrated_backdoor_energies
+
+    states = _clients(3)
+    with pytest.raises(ValueError, match="at least one"):
+        concentrated_backdoor_energies([])
+    assert backdoor_energies([]) == []
+    with pytest.raises(ValueError, match=r"states\[1\]: no scorable layer"):
+        concentrated_backdoor_energies([states[0], {"fc.weight": np.ones((3, 4), np.float32)}])
+    wide = _state(randomize_bn(SmallCNN((8, 16, 64)), torch.Generator().manual_seed(9)))
+    with pytest.raises(ValueError, match=r"states\[2\] has a CBE of length \d+ but states\[0\] has \d+"):
+        concentrated_backdoor_energies([states[0], states[1], wide])
+    bad = dict(states[2])
+    bad["bn1.weight"] = np.full_like(bad["bn1.weight"], 1e308, dtype=np.float64)
+    bad["bn1.running_var"] = np.zeros_like(bad["bn1.running_var"])  # 1e308 / sqrt(1e-5) = inf
+    with pytest.raises(ValueError, match="BatchNorm 'bn1' of 'conv1.weight' has a non-finite scale"):
+        backdoor_energies([states[0], bad])

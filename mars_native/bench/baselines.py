@@ -155,11 +155,11 @@ def aggregate_floor(states: Sequence[State], keys: Sequence[str], reader: Reader
 # ---------------------------------------------------------------------------------- CBE
 def cbe_native(states: Sequence[State], layers: Sequence[Layer], kappa: float = 0.05,
                mode: str = "paper", n_threads: int | None = None) -> np.ndarray:
-    """mars_native: the public :func:`concentrated_backdoor_energy` of every client, (n, d)."""
-    from mars_native.energy import concentrated_backdoor_energy
+    """mars_native: the public :func:`concentrated_backdoor_energies` (every layer of every client
+    in one native call, as MARS scores a round), (n, d)."""
+    from mars_native.energy import concentrated_backdoor_energies
 
-    return np.stack([concentrated_backdoor_energy(s, kappa, mode, layers=layers, n_threads=n_threads)
-                     for s in states])
+    return concentrated_backdoor_energies(states, kappa, mode, layers=layers, n_threads=n_threads)
 
 
 def cbe_numpy(states: Sequence[State], layers: Sequence[Layer], kappa: float = 0.05) -> np.ndarray:

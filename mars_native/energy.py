@@ -18,7 +18,7 @@ import numpy as np
 
 from mars_native import _core, _cuda
 from mars_native._arrays import as_float_array, to_numpy
-from mars_native._native import _threads, top_k_energy
+from mars_native._native import _real_number, _threads, top_k_energy
 from mars_native.layers import Layer, find_layers
 from mars_native.validation import on_device
 
@@ -39,19 +39,37 @@ def bn_scale(
     ``running_var`` is treated as 0 like the authors' code. A BN without affine weight has
     gamma = 1.
     """
-    prefix = f"{bn_prefix}." if bn_prefix else ""
-    var = np.array(to_numpy(state_dict[prefix + "running_var"], name=prefix + "running_var"), dtype=np.float64)
+    return _bn_scales(state_dict, [bn_prefix], bn_eps, mode)[0]
+
+
+def _bn_scales(
+    state_dict: Mapping[str, Any], bn_prefixes: Sequence[str], bn_eps: float, mode: Mode
+) -> list[np.ndarray]:
+    """:func:`bn_scale` of several BatchNorms of one model, computed in one vectorised pass over
+    their concatenated parameters (the same values, element for element)."""
+    variances, gammas = [], []
+    for bn_prefix in bn_prefixes:
+        prefix = f"{bn_prefix}." if bn_prefix else ""
+        var = to_numpy(state_dict[prefix + "running_var"], name=prefix + "running_var").reshape(-1)
+        gkey = prefix + "weight"
+        gamma = to_numpy(state_dict[gkey], name=gkey).reshape(-1) if gkey in state_dict else np.ones(var.size)
+        if gamma.size != var.size:
+            raise ValueError(f"BatchNorm {bn_prefix!r}: weight has {gamma.size} values but running_var "
+                             f"has {var.size}")
+        variances.append(var)
+        gammas.append(gamma)
+    if not variances:
+        return []
+    var = np.concatenate(variances, dtype=np.float64, casting="same_kind")
     if mode == "official":
-        var = np.where(np.isnan(var), 0.0, var)
-    var = np.maximum(var, 0.0)
-    gkey = prefix + "weight"
-    gamma = (
-        np.abs(np.asarray(to_numpy(state_dict[gkey], name=gkey), dtype=np.float64))
-        if gkey in state_dict
-        else np.ones_like(var)
-    )
+        var[np.isnan(var)] = 0.0
+    np.maximum(var, 0.0, out=var)
+    gamma = np.abs(np.concatenate(gammas, dtype=np.float64, casting="same_kind"))
+    var += bn_eps
+    np.sqrt(var, out=var)
     with np.errstate(over="ignore"):  # an overflow gives inf, which callers reject by name
-        return gamma / np.sqrt(var + bn_eps)
+        scale = np.divide(gamma, var, out=gamma)
+    return np.split(scale, np.cumsum([v.size for v in variances[:-1]]))
 
 
 def _layers(
@@ -117,19 +135,19 @@ def layer_inputs(
     Raises ``TypeError`` for a non-float weight and ``ValueError`` naming the BN when its scale
     is not finite (e.g. ``|gamma|`` near the float64 maximum).
     """
-    weights, scales = [], []
+    weights: list[np.ndarray] = []
     for layer in layers:
         weight = as_float_array(state_dict[layer.weight_key], name=layer.weight_key)
-        scale = None
-        if layer.bn_prefix is not None:
-            scale = bn_scale(state_dict, layer.bn_prefix, bn_eps, mode)
-            if not np.isfinite(scale).all():
-                raise ValueError(f"BatchNorm {layer.bn_prefix!r} of {layer.weight_key!r} has a non-finite "
-                                 "scale |gamma| / sqrt(var + eps)")
         if layer.kind == "linear":
             weight = weight.reshape(weight.shape[0], weight.shape[1], 1)
         weights.append(weight)
-        scales.append(scale)
+    with_bn = [layer for layer in layers if layer.bn_prefix is not None]
+    bn = iter(_bn_scales(state_dict, [layer.bn_prefix for layer in with_bn], bn_eps, mode))  # type: ignore[misc]
+    scales = [next(bn) if layer.bn_prefix is not None else None for layer in layers]
+    for layer, scale in zip(layers, scales):
+        if scale is not None and not np.isfinite(scale).all():
+            raise ValueError(f"BatchNorm {layer.bn_prefix!r} of {layer.weight_key!r} has a non-finite "
+                             "scale |gamma| / sqrt(var + eps)")
     return weights, scales
 
 
@@ -283,13 +301,19 @@ def concentrate(
     Raises ``ValueError`` when there is no layer (or only empty ones), or a BE is NaN/Inf.
     """
     _check_mode(mode)
+    kappa = _real_number(kappa, "kappa")
     if not energies:
         what = "conv layers followed by a BatchNorm" if mode == "official" else "conv (ndim >= 3) weights"
         raise ValueError(f"no scorable layer: the state_dict has no {what}" + (
             "" if include_linear or mode == "official" else " (pass include_linear=True to score Linear layers)"
         ))
     rule = "ceil" if mode == "paper" else "quantile"
-    parts = [top_k_energy(be, kappa, rule=rule) for be in energies.values() if be.size]
+    # BE arrays from the CPU kernel (float64, contiguous) go straight to the compiled top-k (it
+    # checks kappa and the values); anything else through the public wrapper.
+    parts = [_core.top_k_energy(be, kappa, rule)
+             if type(be) is np.ndarray and be.dtype == np.float64 and be.flags.c_contiguous
+             else top_k_energy(be, kappa, rule=rule)
+             for be in energies.values() if be.size]
     if not parts:
         raise ValueError("no scorable layer: every scored layer has zero output channels")
     return np.concatenate(parts)

@@ -76,5 +76,41 @@ void parallel_for(std::int64_t n, int n_threads, std::int64_t grain,
   if (error) std::rethrow_exception(error);
 }
 
+void parallel_tasks(std::int64_t n_tasks, int n_threads,
+                    const std::function<void(int, std::int64_t)>& body) {
+  if (n_tasks <= 0) return;
+  const int nt = static_cast<int>(std::min<std::int64_t>(resolve_threads(n_threads), n_tasks));
+  if (nt <= 1) {
+    for (std::int64_t t = 0; t < n_tasks; ++t) body(0, t);
+    return;
+  }
+  std::atomic<std::int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto worker = [&](int thread) {
+    try {
+      for (std::int64_t t = next.fetch_add(1); t < n_tasks && !failed.load(); t = next.fetch_add(1)) {
+        body(thread, t);
+      }
+    } catch (...) {
+      failed.store(true);
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  };
+#if defined(MARS_WITH_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+  for (int t = 0; t < nt; ++t) worker(t);
+#else
+  std::vector<std::thread> workers;
+  workers.reserve(static_cast<std::size_t>(nt - 1));
+  for (int t = 1; t < nt; ++t) workers.emplace_back(worker, t);
+  worker(0);
+  for (auto& w : workers) w.join();
+#endif
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace parallel
 }  // namespace mars

@@ -26,5 +26,13 @@ bool has_openmp();
 void parallel_for(std::int64_t n, int n_threads, std::int64_t grain,
                   const std::function<void(std::int64_t, std::int64_t)>& body);
 
+// Run body(thread, task) for every task in [0, n_tasks) on up to n_threads threads, each thread
+// taking the next task when it finishes one (dynamic scheduling: a thread slowed down by the
+// machine does less of the work). `thread` < n_threads identifies the caller's per-thread state.
+// Which thread runs a task varies from run to run, so a task must compute its result from its
+// inputs alone (as every kernel here does); its value then does not depend on the schedule.
+void parallel_tasks(std::int64_t n_tasks, int n_threads,
+                    const std::function<void(int, std::int64_t)>& body);
+
 }  // namespace parallel
 }  // namespace mars

@@ -495,8 +495,8 @@ void spectral_impl(const T* w, std::int64_t out, std::int64_t rows, std::int64_t
 }
 
 // Many layers in one parallel region: the channels of every layer are cut into tasks of about
-// equal work (whole SIMD groups, at least kTaskElems elements), and the tasks are split over the
-// threads in order. Values are those of one call per layer, bit for bit.
+// equal work (whole SIMD groups, at least kTaskElems elements, about 64 per thread), which the
+// threads take one at a time. Values are those of one call per layer, bit for bit.
 constexpr std::int64_t kTaskElems = 1 << 16;
 
 template <typename T>
@@ -508,7 +508,7 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
   std::int64_t total = 0;
   for (std::int64_t i = 0; i < n_layers; ++i) total += layers[i].out * layers[i].rows * layers[i].cols;
   const int threads = parallel::resolve_threads(n_threads);
-  const std::int64_t target = std::max<std::int64_t>(kTaskElems, total / (16 * threads));
+  const std::int64_t target = std::max<std::int64_t>(kTaskElems, total / (64 * threads));
   for (std::int64_t i = 0; i < n_layers; ++i) {
     const LayerView<T>& L = layers[i];
     if (L.out <= 0) continue;
@@ -521,13 +521,14 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
     step = (step + kGroup - 1) / kGroup * kGroup;
     for (std::int64_t b = 0; b < L.out; b += step) tasks.push_back({i, b, std::min(L.out, b + step)});
   }
+  // Tasks are handed out dynamically (a thread that the machine slows down takes fewer); each
+  // computes its channels from their weights alone, so the values do not depend on the schedule.
   const std::int64_t n_tasks = static_cast<std::int64_t>(tasks.size());
-  parallel::parallel_for(n_tasks, n_threads, 1, [&](std::int64_t begin, std::int64_t end) {
-    Workspace ws;
-    for (std::int64_t t = begin; t < end; ++t) {
-      const LayerView<T>& L = layers[tasks[t].layer];
-      channel_range(L.weight, L.rows, L.cols, L.scale, L.result, tasks[t].begin, tasks[t].end, ws);
-    }
+  std::vector<Workspace> ws(static_cast<std::size_t>(threads));
+  parallel::parallel_tasks(n_tasks, threads, [&](int thread, std::int64_t t) {
+    const LayerView<T>& L = layers[tasks[t].layer];
+    channel_range(L.weight, L.rows, L.cols, L.scale, L.result, tasks[t].begin, tasks[t].end,
+                  ws[static_cast<std::size_t>(thread)]);
   });
 }
 

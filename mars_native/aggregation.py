@@ -47,9 +47,8 @@ from numpy.typing import ArrayLike
 
 from mars_native import _core
 from mars_native._arrays import is_torch_tensor, to_numpy
-from mars_native._cuda_arrays import is_cuda_state
 from mars_native._native import _threads
-from mars_native.validation import Template, check_state, state_template
+from mars_native.validation import Template, check_state, on_device, state_template
 
 if TYPE_CHECKING:  # pragma: no cover
     from mars_native.defense import MARS, Detection
@@ -310,7 +309,7 @@ def aggregate_detected(
     if not contributing:
         return _nothing_to_aggregate(report, global_state, w[report.accepted]), report
 
-    if any(is_cuda_state(states[i]) for i in contributing):  # GPU models: aggregate on the GPU
+    if any(on_device(states[i]) for i in contributing):  # GPU models: aggregate on the GPU
         from mars_native._cuda_states import aggregate_states_cuda
 
         accepted = [states[i] for i in contributing]

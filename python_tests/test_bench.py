@@ -88,6 +88,7 @@ def test_cbe_baselines_agree_with_native(tiny_resnet):
     model, _, states, _, layers = tiny_resnet
     native = bl.cbe_native(states, layers, n_threads=1)
     assert native.shape == (5, sum(_k(states[0], la) for la in layers))
+    np.testing.assert_array_equal(bl.cbe_native_per_model(states, layers, n_threads=2), native)
     np.testing.assert_allclose(bl.cbe_numpy(states, layers), native, rtol=1e-12)
     np.testing.assert_allclose(bl.cbe_torch(states, layers), native, rtol=1e-5)
     official = bl.cbe_native(states, layers, mode="official", n_threads=1)
@@ -207,7 +208,7 @@ def test_runner_writes_table_json_markdown_and_plot(tmp_path, capsys):
             assert c["check"]["numpy_max_rel_diff"] < 1e-12
             assert c["check"]["torch_max_rel_diff"] < 1e-5
             assert c["check"]["authors_vs_official_max_rel_diff"] < 1e-5
-            assert {"mars_native", "numpy", "torch_batched", "authors", "floor"} == set(c["impls"])
+            assert {"mars_native", "per_model", "numpy", "torch_batched", "authors", "floor"} == set(c["impls"])
         if c["group"] == "round":
             assert set(c["peak_memory_bytes"]) == {"batch", "streaming"}
     assert results["machine"]["cpus_available"] >= 1

@@ -48,6 +48,7 @@ __all__ = [
     "bn_scale",
     "cbe_authors",
     "cbe_native",
+    "cbe_native_per_model",
     "cbe_numpy",
     "cbe_torch",
     "cluster_authors",
@@ -160,6 +161,16 @@ def cbe_native(states: Sequence[State], layers: Sequence[Layer], kappa: float = 
     from mars_native.energy import concentrated_backdoor_energies
 
     return concentrated_backdoor_energies(states, kappa, mode, layers=layers, n_threads=n_threads)
+
+
+def cbe_native_per_model(states: Sequence[State], layers: Sequence[Layer], kappa: float = 0.05,
+                         n_threads: int | None = None) -> np.ndarray:
+    """mars_native, one :func:`concentrated_backdoor_energy` call per client (what the per-call
+    overhead costs next to :func:`cbe_native`), (n, d)."""
+    from mars_native.energy import concentrated_backdoor_energy
+
+    return np.stack([concentrated_backdoor_energy(s, kappa, layers=layers, n_threads=n_threads)
+                     for s in states])
 
 
 def cbe_numpy(states: Sequence[State], layers: Sequence[Layer], kappa: float = 0.05) -> np.ndarray:

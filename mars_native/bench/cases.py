@@ -187,6 +187,7 @@ class Suite:
         native()  # warm-up
         impls = {
             "mars_native": native,
+            "per_model": lambda: bl.cbe_native_per_model(states, layers, k, n_threads=t),
             "numpy": self._maybe_scaled("numpy", lambda m: bl.cbe_numpy(states[:m], layers, k), n),
             "torch_batched": self._maybe_scaled("torch_batched", torch_cbe, n),
             "authors": self._maybe_scaled("authors", authors_cbe, n),

@@ -16,7 +16,8 @@ __all__ = ["machine_info", "markdown_report", "scaling", "targets", "text_tables
 
 #: Columns of each group: (implementation key, header).
 COLUMNS = {
-    "cbe": [("mars_native", "mars_native"), ("numpy", "NumPy ref"), ("torch_batched", "torch batched"),
+    "cbe": [("mars_native", "mars_native"), ("per_model", "one call per model"), ("numpy", "NumPy ref"),
+            ("torch_batched", "torch batched"),
             ("authors", "authors' approach"), ("floor", "read floor")],
     "cluster": [("mars_native", "KWMeans"), ("mars_native_official", "KWMeans official"),
                 ("numpy", "NumPy twin"), ("authors", "scipy + sklearn (authors)")],

@@ -402,6 +402,10 @@ class MARS:
     def detect(self, states: Iterable[Any], global_state: Mapping[str, Any] | None = None) -> Detection:
         """Score and cluster the clients of one round.
 
+        Every client is validated on its own (a bad one is rejected with its reason); the scored
+        layers of all valid CPU clients are then scored in one native call, so that the threads
+        share the whole round's work (the same values, bit for bit, as :meth:`client_cbe`).
+
         Args:
             states: the clients' state_dicts (NumPy arrays or torch tensors), any iterable.
             global_state: the server's model; when given, every client must match its keys,

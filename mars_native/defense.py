@@ -35,6 +35,7 @@ from mars_native.validation import (
     non_finite_reason,
     on_device,
     state_template,
+    state_templates,
 )
 
 Selection = Literal["norm", "majority"]
@@ -250,9 +251,15 @@ class MARS:
         return f"MARS({args})"
 
     # ------------------------------------------------------------------ per client
-    def layers_for(self, state: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -> list[Layer]:
-        """The scored layers of ``state`` (cached by keys and shapes)."""
-        template = state_template(state)
+    def layers_for(
+        self,
+        state: Mapping[str, Any],
+        reference: Mapping[str, Any] | None = None,
+        layout: Template | None = None,
+    ) -> list[Layer]:
+        """The scored layers of ``state`` (cached by keys and shapes; ``layout``: its
+        ``state_template`` when the caller has it)."""
+        template = state_template(state) if layout is None else layout
         key = (tuple((k, s) for k, (s, _) in template.items()), id(reference))
         if key not in self._layer_cache:
             official = self.mode == "official"
@@ -294,19 +301,23 @@ class MARS:
         return self._host_cbe(state, layers, energies)
 
     def _host_checks(
-        self, state: Any, template: Template | None, reference: Mapping[str, Any] | None
+        self,
+        state: Any,
+        template: Template | None,
+        reference: Mapping[str, Any] | None,
+        layout: Template | None = None,
     ) -> tuple[list[Layer], str | None]:
         """Everything about a host (CPU) client that can be checked before its layers are scored:
-        ``(layers, None)``, or ``([], reason)``."""
+        ``(layers, None)``, or ``([], reason)``. ``layout``: its ``state_template`` if known."""
         # One pass over the scored weights: the spectral kernel yields NaN for a channel holding a
         # NaN/Inf value, so those keys are not read a second time by the finiteness check; every
         # other tensor is checked first. (When several tensors are non-finite, the reason names a
         # non-scored one before a scored one.)
-        reason = check_state(state, template, finite=False)
+        reason = check_state(state, template, finite=False, layout=layout)
         if reason is not None:
             return [], reason
         try:
-            layers = self.layers_for(state, reference)
+            layers = self.layers_for(state, reference, layout)
         except (TypeError, ValueError) as exc:
             return [], _input_reason(exc)
         reason = check_finite(state, skip={layer.weight_key for layer in layers})
@@ -332,16 +343,22 @@ class MARS:
             return None, _input_reason(exc)
 
     def _host_cbes(
-        self, states: Sequence[Any], template: Template | None, reference: Mapping[str, Any] | None
+        self,
+        states: Sequence[Any],
+        template: Template | None,
+        reference: Mapping[str, Any] | None,
+        layouts: Sequence[Template | None] | None = None,
     ) -> list[tuple[np.ndarray | None, str | None]]:
         """``client_cbe`` of many host clients, with every scored layer of every valid client in
-        one native call (the threads share the round's work); the same values, bit for bit."""
+        one native call (the threads share the round's work); the same values, bit for bit.
+        ``layouts``: the states' ``state_template`` (None entries: not known)."""
         results: list[tuple[np.ndarray | None, str | None]] = []
         scored: list[tuple[int, list[Layer]]] = []
         weights: list[np.ndarray] = []
         scales: list[np.ndarray | None] = []
         for i, state in enumerate(states):
-            layers, reason = self._host_checks(state, template, reference)
+            layout = layouts[i] if layouts is not None else None
+            layers, reason = self._host_checks(state, template, reference, layout)
             if reason is None:
                 try:
                     w, sc = layer_inputs(state, layers, self.bn_eps, self.mode)
@@ -427,19 +444,24 @@ class MARS:
             raise ValueError("detect() needs at least one client state_dict; got an empty list")
         if global_state is not None:
             global_state = self._on_device(global_state)
-        template = state_template(global_state) if global_state is not None else majority_template(states)
+        layouts = state_templates(states)  # each client's keys/shapes/dtypes, read once
+        template = (state_template(global_state) if global_state is not None
+                    else majority_template(states, layouts))
         host = [i for i, state in enumerate(states) if not on_device(state)]
         results: list[tuple[np.ndarray | None, str | None]] = [(None, None)] * len(states)
-        for i, res in zip(host, self._host_cbes([states[i] for i in host], template, global_state)):
+        host_results = self._host_cbes([states[i] for i in host], template, global_state,
+                                       [layouts[i] for i in host])
+        for i, res in zip(host, host_results):
             results[i] = res
         for i in sorted(set(range(len(states))) - set(host)):
             results[i] = self.client_cbe(states[i], template, global_state)
         cbes = [cbe for cbe, _ in results]
         reasons = [reason for _, reason in results]
         report = self.decide(cbes, reasons)
-        first_valid = next((s for s, r in zip(states, reasons) if r is None), None)
+        first_valid = next((i for i, r in enumerate(reasons) if r is None), None)
         if first_valid is not None:
-            report.layers = [layer.name for layer in self.layers_for(first_valid, global_state)]
+            report.layers = [layer.name for layer in
+                             self.layers_for(states[first_valid], global_state, layouts[first_valid])]
         report.detect_seconds = time.perf_counter() - t0
         return report
 

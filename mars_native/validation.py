@@ -54,19 +54,30 @@ def state_template(state: Any) -> Template:
     return out
 
 
-def majority_template(states: Any) -> Template | None:
+def state_templates(states: Any) -> list[Template | None]:
+    """:func:`state_template` of every state, None for one that is not a mapping of arrays (for
+    callers that validate many states and need each layout more than once)."""
+    out: list[Template | None] = []
+    for state in states:
+        try:
+            out.append(state_template(state))
+        except TypeError:
+            out.append(None)
+    return out
+
+
+def majority_template(states: Any, layouts: list[Template | None] | None = None) -> Template | None:
     """The layout (keys, shapes, dtypes) that the most states share; ties go to the earliest.
 
     Used as the template when no global model is known, so that one malformed client cannot
     become the layout every other client is compared with. States that are not mappings of
-    arrays are skipped; None when there is none.
+    arrays are skipped; None when there is none. ``layouts``: the states' precomputed
+    :func:`state_templates`, if the caller has them.
     """
     counts: dict[frozenset, int] = {}
     first: dict[frozenset, Template] = {}
-    for state in states:
-        try:
-            tmpl = state_template(state)
-        except TypeError:
+    for tmpl in state_templates(states) if layouts is None else layouts:
+        if tmpl is None:
             continue
         key = frozenset((k, shape, dtype.str) for k, (shape, dtype) in tmpl.items())
         counts[key] = counts.get(key, 0) + 1
@@ -151,6 +162,7 @@ def check_state(
     template: Template | None = None,
     *,
     finite: bool = True,
+    layout: Template | None = None,
 ) -> str | None:
     """Why ``state`` cannot be used, or ``None`` when it can.
 
@@ -159,14 +171,16 @@ def check_state(
     every float value is finite (all tensors, not only scored layers; on the GPU for CUDA
     tensors). ``finite=False`` leaves that to the caller (MARS checks the tensors it does not
     score with :func:`check_finite` and the scored weights through the spectral kernel, which
-    returns NaN for a channel holding a NaN/Inf value, so they are read once).
+    returns NaN for a channel holding a NaN/Inf value, so they are read once). ``layout``:
+    ``state_template(state)`` when the caller already has it.
     """
     if not is_mapping(state):
         return f"invalid_type: expected a state_dict mapping, got {type(state).__name__}"
-    try:
-        layout = state_template(state)
-    except TypeError as exc:
-        return f"invalid_type: {exc}"
+    if layout is None:
+        try:
+            layout = state_template(state)
+        except TypeError as exc:
+            return f"invalid_type: {exc}"
     for key, (_, dtype) in layout.items():
         if dtype.kind not in "fiub":
             return f"invalid_type: {key!r} has unsupported dtype {dtype}"

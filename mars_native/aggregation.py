@@ -48,7 +48,7 @@ from numpy.typing import ArrayLike
 from mars_native import _core
 from mars_native._arrays import is_torch_tensor, to_numpy
 from mars_native._native import _threads
-from mars_native.validation import Template, check_state, on_device, state_template
+from mars_native.validation import Template, check_state, is_numpy_state, on_device, state_template
 
 if TYPE_CHECKING:  # pragma: no cover
     from mars_native.defense import MARS, Detection
@@ -320,11 +320,20 @@ def aggregate_detected(
     out = _state_factory(model)()
     cw = w[contributing]
     n_threads = _threads(mars.n_threads)
+    numpy_states = all(is_numpy_state(states[i]) for i in contributing)
     for spec in _specs(model):
         if spec.is_float:
-            bufs = [_native(states[i][spec.key], spec.key) for i in contributing]
             base = None if global_state is None else _native(global_state[spec.key], spec.key)
-            value = _core.aggregate(bufs, cw, spec.out_dtype, n_threads, base, lr)
+            value = None
+            if numpy_states:  # NumPy arrays straight to the kernel, which checks them
+                try:
+                    value = _core.aggregate([states[i][spec.key] for i in contributing], cw,
+                                            spec.out_dtype, n_threads, base, lr)
+                except (TypeError, ValueError):  # float16, strided, foreign byte order: convert
+                    value = None
+            if value is None:
+                bufs = [_native(states[i][spec.key], spec.key) for i in contributing]
+                value = _core.aggregate(bufs, cw, spec.out_dtype, n_threads, base, lr)
         elif global_state is not None:
             value = np.array(to_numpy(global_state[spec.key], name=spec.key), copy=True)
         else:

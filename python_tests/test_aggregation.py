@@ -134,6 +134,29 @@ def test_batch_aggregate_is_the_weighted_mean_of_accepted_clients(round_with_att
     assert new["bn1.num_batches_tracked"] == max(int(s["bn1.num_batches_tracked"]) for s in accepted)
 
 
+def test_numpy_arrays_the_kernel_cannot_read_in_place_are_converted(round_with_attackers):
+    """NumPy float arrays go straight to the kernel; float16, strided and big-endian ones (which
+    it refuses) are converted first, with the same result."""
+    states, _ = round_with_attackers
+    odd = []
+    for s in states:
+        t = OrderedDict(s)
+        t["fc.bias"] = s["fc.bias"].astype(np.float16)
+        w = s["fc.weight"]
+        t["fc.weight"] = np.empty((w.shape[1], w.shape[0]), w.dtype).T  # a strided (F-order) view
+        t["fc.weight"][...] = w
+        t["bn1.bias"] = s["bn1.bias"].astype(">f4")
+        odd.append(t)
+    new, report = MARS().aggregate(odd)
+    plain = [OrderedDict((k, np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("="))) for k, v in t.items())
+             for t in odd]
+    want, want_report = MARS().aggregate(plain)
+    np.testing.assert_array_equal(report.accepted, want_report.accepted)
+    for key in want:
+        assert new[key].dtype == odd[0][key].dtype, key  # dtypes (and byte order) are kept
+        np.testing.assert_array_equal(new[key].astype(np.float64), want[key].astype(np.float64))
+
+
 def test_global_model_and_server_lr(base, round_with_attackers):
     states, attacker = round_with_attackers
     new, report = MARS().aggregate(states, global_state=base, server_lr=0.8)

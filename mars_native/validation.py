@@ -128,8 +128,20 @@ def check_finite(state: Any, skip: Collection[str] = ()) -> str | None:
 
         bad = [k for k in non_finite_keys(state) if str(k) not in skip]
         return f"non_finite: {bad[0]!r} holds NaN/Inf value(s)" if bad else None
-    # float32/float64 C-contiguous arrays (the common case) are checked in one native call per
-    # run of them, in key order; anything else (float16, complex, strided views) one by one.
+    if isinstance(state, dict) and is_numpy_state(state):
+        # The common case, a dict of float32/float64 NumPy arrays: one native call (it refuses
+        # strided views, and then the general path below decides).
+        floats = [(str(k), v) for k, v in state.items()
+                  if v.dtype.kind in "fc" and v.size and str(k) not in skip]
+        if all(v.dtype in NATIVE_FLOAT_DTYPES for _, v in floats):
+            try:
+                bad = int(_core.first_non_finite([v for _, v in floats]))
+            except (TypeError, ValueError):
+                pass
+            else:
+                return non_finite_reason(*floats[bad]) if bad >= 0 else None
+    # float32/float64 C-contiguous arrays are checked in one native call per run of them, in key
+    # order; anything else (float16, complex, strided views) one by one.
     run: list[tuple[str, np.ndarray]] = []
 
     def flush() -> str | None:

@@ -124,3 +124,23 @@ def test_infinite_bn_scale_rejects_only_that_client():
     assert report.reasons[4] == ("non_finite: the backdoor energy of 'conv1' overflows float64 "
                                  "(finite weights times a huge BN scale)")
     assert all(report.labels[i] >= 0 for i in (0, 1, 3, 5))
+
+
+def test_check_finite_names_the_first_bad_tensor_in_key_order_for_any_array_kind():
+    from mars_native.validation import check_finite
+
+    ok = np.ones((4, 6), np.float32)
+    strided = np.asfortranarray(np.ones((4, 3), np.float32))  # not C-contiguous
+    bad_strided = strided.copy(order="F")
+    bad_strided[1, 2] = np.nan
+    half = np.ones(5, np.float16)
+    bad_half = half.copy()
+    bad_half[3] = np.inf
+    assert check_finite({"a": ok, "b": strided, "c": half, "n": np.arange(3)}) is None
+    assert check_finite({"a": ok, "b": bad_strided, "c": bad_half}).startswith("non_finite: 'b' has 1")
+    assert check_finite({"a": ok, "c": bad_half, "b": bad_strided}).startswith("non_finite: 'c' has 1")
+    bad_ok = ok.copy()
+    bad_ok[0, 0] = -np.inf
+    assert check_finite({"c": bad_half, "a": bad_ok}).startswith("non_finite: 'c'")
+    assert check_finite({"a": bad_ok, "c": bad_half}).startswith("non_finite: 'a'")
+    assert check_finite({"a": bad_ok, "c": bad_half}, skip={"a"}).startswith("non_finite: 'c'")

@@ -69,7 +69,11 @@ def _bn_scales(
     np.sqrt(var, out=var)
     with np.errstate(over="ignore"):  # an overflow gives inf, which callers reject by name
         scale = np.divide(gamma, var, out=gamma)
-    return np.split(scale, np.cumsum([v.size for v in variances[:-1]]))
+    out, start = [], 0
+    for v in variances:
+        out.append(scale[start:start + v.size])
+        start += v.size
+    return out
 
 
 def _layers(
@@ -144,10 +148,11 @@ def layer_inputs(
     with_bn = [layer for layer in layers if layer.bn_prefix is not None]
     bn = iter(_bn_scales(state_dict, [layer.bn_prefix for layer in with_bn], bn_eps, mode))  # type: ignore[misc]
     scales = [next(bn) if layer.bn_prefix is not None else None for layer in layers]
-    for layer, scale in zip(layers, scales):
-        if scale is not None and not np.isfinite(scale).all():
-            raise ValueError(f"BatchNorm {layer.bn_prefix!r} of {layer.weight_key!r} has a non-finite "
-                             "scale |gamma| / sqrt(var + eps)")
+    # (The scales are views of one array: one finiteness test for all of them.)
+    if with_bn and not np.isfinite(np.concatenate([sc for sc in scales if sc is not None])).all():
+        layer = next(la for la, sc in zip(layers, scales) if sc is not None and not np.isfinite(sc).all())
+        raise ValueError(f"BatchNorm {layer.bn_prefix!r} of {layer.weight_key!r} has a non-finite "
+                         "scale |gamma| / sqrt(var + eps)")
     return weights, scales
 
 

@@ -361,7 +361,7 @@ class _Client:
 
 def _layout(specs: Sequence[_Spec]) -> frozenset:
     """The layout of a state_dict: the same key as validation.majority_template uses."""
-    return frozenset((s.key, s.shape, s.np_dtype.str) for s in specs)
+    return frozenset((s.key, s.shape, s.np_dtype) for s in specs)
 
 
 def _shape_only_state(specs: Sequence[_Spec]) -> dict[str, np.ndarray]:

@@ -79,7 +79,7 @@ def majority_template(states: Any, layouts: list[Template | None] | None = None)
     for tmpl in state_templates(states) if layouts is None else layouts:
         if tmpl is None:
             continue
-        key = frozenset((k, shape, dtype.str) for k, (shape, dtype) in tmpl.items())
+        key = frozenset((k, shape, dtype) for k, (shape, dtype) in tmpl.items())
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, tmpl)
     if not counts:

@@ -40,6 +40,36 @@ bool has_openmp() {
 #endif
 }
 
+namespace {
+
+// Runs worker(t) for t in [0, nt) on nt threads (the caller is thread 0) and rethrows the first
+// exception a worker threw, after all have finished.
+void run_workers(int nt, const std::function<void(int)>& worker) {
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto guarded = [&](int t) {
+    try {
+      worker(t);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  };
+#if defined(MARS_WITH_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+  for (int t = 0; t < nt; ++t) guarded(t);
+#else
+  std::vector<std::thread> workers;
+  workers.reserve(static_cast<std::size_t>(nt - 1));
+  for (int t = 1; t < nt; ++t) workers.emplace_back(guarded, t);
+  guarded(0);
+  for (auto& w : workers) w.join();
+#endif
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace
+
 void parallel_for(std::int64_t n, int n_threads, std::int64_t grain,
                   const std::function<void(std::int64_t, std::int64_t)>& body) {
   if (n <= 0) return;
@@ -51,29 +81,11 @@ void parallel_for(std::int64_t n, int n_threads, std::int64_t grain,
     return;
   }
   // Contiguous static partition: chunk t covers [t*n/nt, (t+1)*n/nt).
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto run_chunk = [&](int t) {
-    std::int64_t begin = n * t / nt;
-    std::int64_t end = n * (t + 1) / nt;
-    try {
-      if (begin < end) body(begin, end);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-    }
-  };
-#if defined(MARS_WITH_OPENMP)
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-  for (int t = 0; t < nt; ++t) run_chunk(t);
-#else
-  std::vector<std::thread> workers;
-  workers.reserve(static_cast<std::size_t>(nt - 1));
-  for (int t = 1; t < nt; ++t) workers.emplace_back(run_chunk, t);
-  run_chunk(0);
-  for (auto& w : workers) w.join();
-#endif
-  if (error) std::rethrow_exception(error);
+  run_workers(nt, [&](int t) {
+    const std::int64_t begin = n * t / nt;
+    const std::int64_t end = n * (t + 1) / nt;
+    if (begin < end) body(begin, end);
+  });
 }
 
 void parallel_tasks(std::int64_t n_tasks, int n_threads,
@@ -85,31 +97,17 @@ void parallel_tasks(std::int64_t n_tasks, int n_threads,
     return;
   }
   std::atomic<std::int64_t> next{0};
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto worker = [&](int thread) {
+  std::atomic<bool> failed{false};  // after an exception the other threads stop taking tasks
+  run_workers(nt, [&](int thread) {
     try {
       for (std::int64_t t = next.fetch_add(1); t < n_tasks && !failed.load(); t = next.fetch_add(1)) {
         body(thread, t);
       }
     } catch (...) {
       failed.store(true);
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
+      throw;
     }
-  };
-#if defined(MARS_WITH_OPENMP)
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-  for (int t = 0; t < nt; ++t) worker(t);
-#else
-  std::vector<std::thread> workers;
-  workers.reserve(static_cast<std::size_t>(nt - 1));
-  for (int t = 1; t < nt; ++t) workers.emplace_back(worker, t);
-  worker(0);
-  for (auto& w : workers) w.join();
-#endif
-  if (error) std::rethrow_exception(error);
+  });
 }
 
 }  // namespace parallel

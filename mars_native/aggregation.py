@@ -255,6 +255,18 @@ def weighted_mean(
         raise TypeError(f"arrays must be a sequence of arrays, got {type(arrays).__name__}")
     if len(arrays) == 0:
         raise ValueError("weighted_mean() needs at least one array")
+    n_threads = _threads(n_threads)
+    server_lr = _check_server_lr(server_lr)
+    if out_dtype is None and all(type(a) is np.ndarray for a in arrays):
+        # Fast path: NumPy arrays go to the kernel as they are (it reads float32/float64
+        # C-contiguous arrays of one dtype and shape in place, and refuses anything else, which the
+        # general path below then converts or reports).
+        w = check_weights(weights, len(arrays))
+        if _sum_in_order(w) > 0:
+            try:
+                return _core.aggregate(list(arrays), w, None, n_threads, base, server_lr)
+            except (TypeError, ValueError):
+                pass
     bufs = [_native(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
     base_arr = None if base is None else _native(base, "base")
     wide = any(b.dtype == np.float64 for b in bufs) or (base_arr is not None and base_arr.dtype == np.float64)
@@ -271,7 +283,7 @@ def weighted_mean(
         raise ValueError("weights sum to 0: the weighted mean is undefined")
     if out_dtype is None:
         out_dtype = np.float64 if wide else np.float32
-    return _core.aggregate(bufs, w, out_dtype, _threads(n_threads), base_arr, _check_server_lr(server_lr))
+    return _core.aggregate(bufs, w, out_dtype, n_threads, base_arr, server_lr)
 
 
 # ---------------------------------------------------------------------------------- batch

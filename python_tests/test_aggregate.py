@@ -345,3 +345,23 @@ def test_first_non_finite_rejects_what_it_cannot_read():
     with pytest.raises(ValueError, match=r"arrays\[0\] must be C-contiguous"):
         _core.first_non_finite([np.ones((4, 4))[:, ::2]])
     assert _core.first_non_finite([]) == -1
+
+
+@given(rounds(with_base=True))
+def test_weighted_mean_fast_path_equals_the_general_path(case):
+    """NumPy arrays go straight to the kernel when no out_dtype is asked; the result is the
+    general path's (which validates and converts each array first), bit for bit."""
+    bufs, weights, base, lr = case
+    dtype = bufs[0].dtype
+    fast = weighted_mean(bufs, weights, base=base, server_lr=lr, n_threads=2)
+    general = weighted_mean(bufs, weights, dtype, base=base, server_lr=lr, n_threads=1)
+    assert fast.dtype == general.dtype == dtype and fast.shape == bufs[0].shape
+    np.testing.assert_array_equal(fast, general)
+    # Mixed dtypes and a strided view are not for the kernel as they are: converted, same values.
+    if bufs[0].ndim and bufs[0].size:
+        mixed = [b.astype(np.float64) for b in bufs[:1]] + list(bufs[1:])
+        want = weighted_mean([b.astype(np.float64) for b in bufs], weights, n_threads=1)
+        np.testing.assert_array_equal(weighted_mean(mixed, weights), want)
+        strided = [np.repeat(b[..., None], 2, axis=-1)[..., 0] for b in bufs]
+        np.testing.assert_array_equal(weighted_mean(strided, weights),
+                                      weighted_mean(bufs, weights, dtype))

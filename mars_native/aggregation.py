@@ -48,7 +48,7 @@ from numpy.typing import ArrayLike
 from mars_native import _core
 from mars_native._arrays import is_torch_tensor, to_numpy
 from mars_native._native import _threads
-from mars_native.validation import Template, check_state, is_numpy_state, on_device, state_template
+from mars_native.validation import Template, check_state, on_device, state_template
 
 if TYPE_CHECKING:  # pragma: no cover
     from mars_native.defense import MARS, Detection
@@ -257,14 +257,15 @@ def weighted_mean(
         raise ValueError("weighted_mean() needs at least one array")
     n_threads = _threads(n_threads)
     server_lr = _check_server_lr(server_lr)
-    if out_dtype is None and all(type(a) is np.ndarray for a in arrays):
+    if all(type(a) is np.ndarray for a in arrays):
         # Fast path: NumPy arrays go to the kernel as they are (it reads float32/float64
         # C-contiguous arrays of one dtype and shape in place, and refuses anything else, which the
-        # general path below then converts or reports).
+        # general path below then converts or reports). Without out_dtype the kernel keeps the
+        # input dtype, which is the general path's rule for arrays of one dtype.
         w = check_weights(weights, len(arrays))
         if _sum_in_order(w) > 0:
             try:
-                return _core.aggregate(list(arrays), w, None, n_threads, base, server_lr)
+                return _core.aggregate(list(arrays), w, out_dtype, n_threads, base, server_lr)
             except (TypeError, ValueError):
                 pass
     bufs = [_native(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
@@ -331,21 +332,11 @@ def aggregate_detected(
     model = global_state if global_state is not None else states[first_valid]
     out = _state_factory(model)()
     cw = w[contributing]
-    n_threads = _threads(mars.n_threads)
-    numpy_states = all(is_numpy_state(states[i]) for i in contributing)
     for spec in _specs(model):
         if spec.is_float:
             base = None if global_state is None else _native(global_state[spec.key], spec.key)
-            value = None
-            if numpy_states:  # NumPy arrays straight to the kernel, which checks them
-                try:
-                    value = _core.aggregate([states[i][spec.key] for i in contributing], cw,
-                                            spec.out_dtype, n_threads, base, lr)
-                except (TypeError, ValueError):  # float16, strided, foreign byte order: convert
-                    value = None
-            if value is None:
-                bufs = [_native(states[i][spec.key], spec.key) for i in contributing]
-                value = _core.aggregate(bufs, cw, spec.out_dtype, n_threads, base, lr)
+            value = weighted_mean([states[i][spec.key] for i in contributing], cw, spec.out_dtype,
+                                  base=base, server_lr=lr, n_threads=mars.n_threads)
         elif global_state is not None:
             value = np.array(to_numpy(global_state[spec.key], name=spec.key), copy=True)
         else:

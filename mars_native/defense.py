@@ -21,11 +21,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mars_native import _core, _cuda
+from mars_native import _cuda
 from mars_native._arrays import is_mapping, to_numpy
-from mars_native._native import _threads, wasserstein_1d
+from mars_native._native import wasserstein_1d
 from mars_native.cluster import KWMeans
-from mars_native.energy import backdoor_energy, concentrate, concentrated_backdoor_energy, layer_inputs
+from mars_native.energy import (
+    backdoor_energy,
+    concentrate,
+    concentrated_backdoor_energy,
+    layer_inputs,
+    score_inputs,
+)
 from mars_native.layers import Layer, find_layers
 from mars_native.validation import (
     Template,
@@ -354,32 +360,28 @@ class MARS:
         ``layouts``: the states' ``state_template`` (None entries: not known)."""
         results: list[tuple[np.ndarray | None, str | None]] = []
         scored: list[tuple[int, list[Layer]]] = []
-        weights: list[np.ndarray] = []
-        scales: list[np.ndarray | None] = []
+        inputs = []
         for i, state in enumerate(states):
             layout = layouts[i] if layouts is not None else None
             layers, reason = self._host_checks(state, template, reference, layout)
             if reason is None:
                 try:
-                    w, sc = layer_inputs(state, layers, self.bn_eps, self.mode)
+                    inputs.append(layer_inputs(state, layers, self.bn_eps, self.mode))
                 except (TypeError, ValueError) as exc:
                     reason = _input_reason(exc)
                 else:
                     scored.append((i, layers))
-                    weights += w
-                    scales += sc
             results.append((None, reason))
         if not scored:
             return results
         try:
-            values = iter(_core.channel_spectral_norms_batch(weights, scales, _threads(self.n_threads)))
+            energies = score_inputs(inputs, [layers for _, layers in scored], self.n_threads)
         except (TypeError, ValueError):  # not expected after layer_inputs; let each client say why
             for i, _ in scored:
                 results[i] = self.client_cbe(states[i], template, reference)
             return results
-        for i, layers in scored:
-            energies = {layer.name: next(values) for layer in layers}
-            results[i] = self._host_cbe(states[i], layers, energies)
+        for (i, layers), be in zip(scored, energies):
+            results[i] = self._host_cbe(states[i], layers, be)
         return results
 
     def _client_cbe_cuda(

@@ -164,15 +164,24 @@ def _energies_many(
     n_threads: int | None,
 ) -> list[dict[str, np.ndarray]]:
     """BE of the host models ``states[i]`` (scored layers ``layers[i]``) in one native call."""
+    inputs = [layer_inputs(state, found, bn_eps, mode) for state, found in zip(states, layers)]
+    return score_inputs(inputs, layers, n_threads)
+
+
+def score_inputs(
+    inputs: Sequence[tuple[list[np.ndarray], list[np.ndarray | None]]],
+    layers: Sequence[Sequence[Layer]],
+    n_threads: int | None,
+) -> list[dict[str, np.ndarray]]:
+    """BE of several models from their :func:`layer_inputs` (``inputs[i]`` for the layers
+    ``layers[i]``): layer name -> values per model, every layer of every model in one native call
+    (one parallel region, GIL released once; bit-identical to channel_spectral_norms per layer,
+    without the per-layer and per-model call and thread start-up costs)."""
     weights: list[np.ndarray] = []
     scales: list[np.ndarray | None] = []
-    for state, found in zip(states, layers):
-        w, sc = layer_inputs(state, found, bn_eps, mode)
+    for w, sc in inputs:
         weights += w
         scales += sc
-    # Every layer of every model in one native call (one parallel region, GIL released once):
-    # bit-identical to channel_spectral_norms per layer, without the per-layer (and per-model)
-    # call and thread start-up costs.
     values = iter(_core.channel_spectral_norms_batch(weights, scales, _threads(n_threads)))
     return [{layer.name: next(values) for layer in found} for found in layers]
 
@@ -201,7 +210,7 @@ def backdoor_energies(
     found = [_layers(s, layers, include_linear, reference, layer_map, mode) for s in states]
     out: list[dict[str, np.ndarray] | None] = [None] * len(states)
     host = [i for i, s in enumerate(states) if not on_device(s)]
-    for i in set(range(len(states))) - set(host):
+    for i in sorted(set(range(len(states))) - set(host)):
         out[i] = _cuda.backdoor_energy_cuda(states[i], found[i], bn_eps=bn_eps, mode=mode)
     if host:
         values = _energies_many([states[i] for i in host], [found[i] for i in host], bn_eps, mode, n_threads)

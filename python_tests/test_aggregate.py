@@ -353,8 +353,14 @@ def test_weighted_mean_fast_path_equals_the_general_path(case):
     general path's (which validates and converts each array first), bit for bit."""
     bufs, weights, base, lr = case
     dtype = bufs[0].dtype
+
+    class Sub(np.ndarray):  # not a plain ndarray: forces the validating, converting path
+        pass
+
     fast = weighted_mean(bufs, weights, base=base, server_lr=lr, n_threads=2)
-    general = weighted_mean(bufs, weights, dtype, base=base, server_lr=lr, n_threads=1)
+    general = weighted_mean([b.view(Sub) for b in bufs], weights, base=base, server_lr=lr,
+                            n_threads=1)
+    assert type(general) is np.ndarray
     assert fast.dtype == general.dtype == dtype and fast.shape == bufs[0].shape
     np.testing.assert_array_equal(fast, general)
     # Mixed dtypes and a strided view are not for the kernel as they are: converted, same values.
@@ -365,3 +371,7 @@ def test_weighted_mean_fast_path_equals_the_general_path(case):
         strided = [np.repeat(b[..., None], 2, axis=-1)[..., 0] for b in bufs]
         np.testing.assert_array_equal(weighted_mean(strided, weights),
                                       weighted_mean(bufs, weights, dtype))
+        # With out_dtype too (the batch aggregate asks for it per key), fast == general.
+        other = np.float64 if dtype == np.float32 else np.float32
+        np.testing.assert_array_equal(weighted_mean(bufs, weights, other),
+                                      weighted_mean([b.view(Sub) for b in bufs], weights, other))

@@ -2,8 +2,9 @@
 //
 // Same math as csrc/mars/spectral.cpp: for channel k, M_k is the (rows x cols) block of the
 // weight; G = Gram of the smaller side in fp64 (M^T M if cols <= rows, else M M^T), lambda = the
-// top eigenvalue of G by mars::symeig::max_eigenvalue (the shared __host__ __device__ Jacobi
-// code of the CPU core), sigma = sqrt(max(lambda, 0)) / s, times scale[k]. float64 channels whose
+// top eigenvalue of G by mars::symeig::max_eigenvalue_tridiagonal (Householder + Laguerre in a
+// __host__ __device__ header: the scalar twin, operation for operation, of the CPU kernel's
+// 4-lane solver in mars/topeig.hpp), sigma = sqrt(max(lambda, 0)) / s, times scale[k]. float64 channels whose
 // largest magnitude would overflow/underflow the squares are rescaled by the same power of two
 // s as on the CPU (float64 weights are read twice for that; float32 never needs it).
 //
@@ -15,10 +16,11 @@
 //    whole rows and keeping the 45 upper-triangle sums in registers, then a shuffle tree;
 //  * otherwise: a warp per channel; chunks of the long side staged in shared memory as fp64,
 //    each lane owning a fixed set of Gram entries.
-// Phase 2: one thread per channel runs the Jacobi solver on its Gram, copied to shared memory.
+// Phase 2: one thread per channel runs Householder + Laguerre on its Gram, copied to a private
+// slice of shared memory (cyclic Jacobi in place in global memory for Grams too large for that).
 // Every sum has a fixed order (per-lane sequential sums, then a fixed shuffle tree), so results
 // are bit-identical from run to run; they agree with the CPU kernel to ~1e-13 relative (the
-// summation order differs).
+// summation order differs; the eigen solvers agree to a few ulps).
 #include <math_constants.h>
 
 #include <cmath>
@@ -294,13 +296,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gram_generic_kernel(Table
 
 // ---------------------------------------------------------------- phase 2: eigenvalues
 
-__device__ __forceinline__ double sigma_of(double* a, int n, double s) {
-  if (isnan(s)) return s;
-  return symeig::sigma_from_lambda(symeig::max_eigenvalue(a, n)) / s;
-}
-
 // One thread per channel; its Gram is copied into a private slice of dynamic shared memory of
-// `slot` doubles (>= n*n for every task of the launch).
+// `slot` doubles (>= n * n + tridiagonal_workspace(n) for every task of the launch; odd, so the
+// slices of a half-warp start in distinct banks) and solved there by Householder + Laguerre.
 __global__ void eigen_shared_kernel(Table table, int slot) {
   extern __shared__ double smem[];
   const std::int64_t item = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -315,12 +313,13 @@ __global__ void eigen_shared_kernel(Table table, int slot) {
     double* a = smem + static_cast<std::int64_t>(threadIdx.x) * slot;
     const double* g = t.gram + k * static_cast<std::int64_t>(n) * n;
     for (int e = 0; e < n * n; ++e) a[e] = g[e];
-    sigma = sigma_of(a, n, s);
+    sigma = symeig::sigma_from_lambda(symeig::max_eigenvalue_tridiagonal(a, n, a + n * n)) / s;
   }
   t.result[k] = finish(sigma, t, k);
 }
 
-// Same, solving in place in the global workspace (Grams too large for shared memory).
+// Same, by cyclic Jacobi in place in the global workspace (Grams too large for shared memory:
+// Jacobi needs no workspace beyond the matrix).
 __global__ void eigen_global_kernel(Table table) {
   const std::int64_t item = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (item >= table.n_items) return;
@@ -328,7 +327,9 @@ __global__ void eigen_global_kernel(Table table) {
   const DevTask& t = table.tasks[ti];
   const std::int64_t k = item - table.begin[ti];
   double* a = t.gram + k * static_cast<std::int64_t>(t.n) * t.n;
-  t.result[k] = finish(sigma_of(a, t.n, t.chan_scale[k]), t, k);
+  const double s = t.chan_scale[k];
+  const double sigma = isnan(s) ? s : symeig::sigma_from_lambda(symeig::max_eigenvalue(a, t.n)) / s;
+  t.result[k] = finish(sigma, t, k);
 }
 
 // ---------------------------------------------------------------- host side
@@ -475,7 +476,7 @@ void channel_spectral_norms(const std::vector<SpectralTask>& tasks, int device, 
     int optin = 0;
     check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
           "cudaDeviceGetAttribute");
-    const int slot = eig.max_n * eig.max_n;
+    const int slot = (eig.max_n * eig.max_n + symeig::tridiagonal_workspace(eig.max_n)) | 1;
     int block = 0;
     for (int candidate : {64, 32}) {
       if (static_cast<long long>(candidate) * slot * static_cast<long long>(sizeof(double)) <= optin) {

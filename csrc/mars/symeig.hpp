@@ -3,11 +3,15 @@
 // MARS_HD, i.e. `__host__ __device__` when compiled by nvcc and a plain inline function otherwise.
 //
 // The spectral kernel needs the largest eigenvalue of a positive semi-definite Gram matrix G
-// (n x n, n = the smaller side of a channel's weight matrix, typically 1..49). Cyclic Jacobi is
-// used because it is simple, branch-light, needs no workspace beyond the matrix itself, and is
-// accurate to a few ulps of ||G|| for the largest eigenvalue.
+// (n x n, n = the smaller side of a channel's weight matrix, typically 1..49). Two solvers:
+// max_eigenvalue_tridiagonal (Householder + Laguerre, the scalar twin of the CPU's 4-lane
+// topeig.hpp; the CUDA kernel's default, it needs 4n doubles of workspace) and cyclic Jacobi
+// (max_eigenvalue: no workspace beyond the matrix, used by the CUDA kernel for Grams too large
+// for per-thread shared memory). Both are accurate to a few n * eps relative for the largest
+// eigenvalue of a PSD matrix (it is ||G||_2, perfectly conditioned).
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 
 #if defined(__CUDACC__)
@@ -147,6 +151,142 @@ MARS_HD inline double max_eigenvalue(double* a, int n) {
   double best = a[0];
   for (int i = 1; i < n; ++i) best = a[i * n + i] > best ? a[i * n + i] : best;
   return best;
+}
+
+// ---------------------------------------------------------------- Householder + Laguerre
+//
+// The scalar twin of mars/topeig.hpp (the CPU kernel's 4-lane solver), operation for operation:
+// Householder tridiagonalisation T = Q^T A Q, then Laguerre's method on det(T - x I) started
+// above the largest eigenvalue (Gershgorin bound of T), whose iterates decrease monotonically to
+// the largest root with cubic convergence. About 15x less work than cyclic Jacobi for n = 9;
+// the CUDA eigen kernel uses it (one thread per channel). See topeig.hpp for the method.
+
+// Laguerre stops when its step is at most this fraction of the current value.
+constexpr double kLaguerreStopRel = 1e-14;
+constexpr int kLaguerreMaxIter = 100;
+
+// Number of doubles of workspace max_eigenvalue_tridiagonal needs for order n.
+MARS_HD inline int tridiagonal_workspace(int n) { return 4 * n; }
+
+// Reduces the symmetric n x n row-major matrix `a` (both triangles stored; overwritten) to
+// tridiagonal form: diagonal d[0..n), off-diagonal e[0..n-1). u, p: n doubles of workspace each.
+MARS_HD inline void tridiagonalize(double* a, int n, double* d, double* e, double* u, double* p) {
+  for (int k = 0; k + 2 < n; ++k) {
+    const int m = n - k - 1;  // length of the column below the diagonal
+    // x = A[k+1:, k]; u = x + sign(x0) ||x|| e_1; beta = 2 / (u^T u) (0 when x = 0).
+    double sigma = 0.0;
+    for (int i = 1; i < m; ++i) {
+      const double xi = a[(k + 1 + i) * n + k];
+      u[i] = xi;
+      sigma = std::fma(xi, xi, sigma);
+    }
+    const double x0 = a[(k + 1) * n + k];
+    const double norm = std::sqrt(std::fma(x0, x0, sigma));
+    const double sign = x0 >= 0.0 ? 1.0 : -1.0;
+    const double u0 = std::fma(sign, norm, x0);
+    u[0] = u0;
+    const double uu = std::fma(u0, u0, sigma);
+    const double beta = uu > 0.0 ? 2.0 / uu : 0.0;
+    d[k] = a[k * n + k];
+    e[k] = 0.0 - sign * norm;
+    // p = beta * A_sub u, K = beta / 2 * u^T p, w = p - K u (stored in p).
+    double up = 0.0;
+    for (int i = 0; i < m; ++i) {
+      const double* row = a + (k + 1 + i) * n + (k + 1);
+      double s = 0.0;
+      for (int j = 0; j < m; ++j) s = std::fma(row[j], u[j], s);
+      p[i] = beta * s;
+      up = std::fma(u[i], p[i], up);
+    }
+    const double kk = 0.5 * beta * up;
+    for (int i = 0; i < m; ++i) p[i] = std::fma(-kk, u[i], p[i]);
+    // A_sub -= u w^T + w u^T
+    for (int i = 0; i < m; ++i) {
+      double* row = a + (k + 1 + i) * n + (k + 1);
+      const double ui = u[i], wi = p[i];
+      for (int j = 0; j < m; ++j) {
+        double v = row[j];
+        v = std::fma(-ui, p[j], v);
+        v = std::fma(-wi, u[j], v);
+        row[j] = v;
+      }
+    }
+  }
+  if (n >= 2) {
+    d[n - 2] = a[(n - 2) * n + (n - 2)];
+    e[n - 2] = a[(n - 1) * n + (n - 2)];
+  }
+  d[n - 1] = a[(n - 1) * n + (n - 1)];
+}
+
+// Largest eigenvalue of the symmetric tridiagonal matrix (d, e) of order n >= 1 by Laguerre's
+// method; c: n doubles of scratch. Returns max(d) when the Gershgorin bound is <= 0 (all zero).
+MARS_HD inline double tridiagonal_max_eigenvalue(const double* d, const double* e, int n, double* c) {
+  double bound = d[0], dmax = d[0], cmax = 1.0;
+  for (int i = 0; i < n; ++i) {
+    double r = 0.0;
+    if (i > 0) r = r + std::fabs(e[i - 1]);
+    if (i + 1 < n) r = r + std::fabs(e[i]);
+    bound = std::fmax(bound, d[i] + r);
+    dmax = std::fmax(dmax, d[i]);
+  }
+  for (int i = 0; i + 1 < n; ++i) {
+    c[i] = e[i] * e[i];
+    cmax = std::fmax(cmax, c[i]);
+  }
+  if (!(bound > 0.0)) return dmax;
+  double x = bound * (1.0 + 0x1p-8);
+  // Pivots smaller than pivmin in magnitude are replaced by -pivmin (LAPACK dstebz's guard).
+  const double pivmin = DBL_MIN * cmax;
+  const double fn = static_cast<double>(n);
+  const double fn1 = static_cast<double>(n - 1);
+  for (int iter = 0; iter < kLaguerreMaxIter; ++iter) {
+    // f = log|p|: f' = sum q_i'/q_i, f'' = sum (q_i''/q_i - (q_i'/q_i)^2).
+    double q = d[0] - x;
+    if (std::fabs(q) < pivmin) q = -pivmin;
+    double r = 1.0 / q;
+    double qp = -1.0, qpp = 0.0;
+    double g1 = 0.0 - r;
+    double f2 = 0.0 - r * r;
+    for (int i = 1; i < n; ++i) {
+      const double cr = c[i - 1] * r;
+      const double qn = (d[i] - x) - cr;
+      const double qpn = std::fma(cr * r, qp, -1.0);
+      const double qppn = (cr * r) * std::fma(-(2.0 * qp * qp), r, qpp);
+      q = std::fabs(qn) < pivmin ? -pivmin : qn;
+      r = 1.0 / q;
+      qp = qpn;
+      qpp = qppn;
+      const double t = qp * r;
+      g1 = g1 + t;
+      f2 = f2 + std::fma(-t, t, qpp * r);
+    }
+    // Laguerre: a = n / (G + sqrt((n - 1) (n H - G^2))), H = -f''; G > 0 above the roots.
+    const double h = 0.0 - f2;
+    const double disc = std::fmax(fn1 * std::fma(-g1, g1, fn * h), 0.0);
+    const double step = fn / (g1 + std::sqrt(disc));
+    if (step > 0.0) x = x - step;
+    if (!(step > kLaguerreStopRel * x)) break;  // tiny, non-positive or NaN step: done
+  }
+  return x;
+}
+
+// Largest eigenvalue of the symmetric n x n row-major matrix `a` (both triangles stored;
+// overwritten) by Householder + Laguerre; work: tridiagonal_workspace(n) doubles. Closed forms
+// for n = 1 and n = 2. Returns NaN if any entry is NaN or infinite.
+MARS_HD inline double max_eigenvalue_tridiagonal(double* a, int n, double* work) {
+  if (n <= 0) return 0.0;
+  for (int i = 0; i < n * n; ++i) {
+    if (!std::isfinite(a[i])) return NAN;
+  }
+  if (n == 1) return a[0];
+  if (n == 2) return max_eigenvalue_2x2(a[0], a[1], a[3]);
+  double* d = work;
+  double* e = d + n;
+  double* u = e + n;
+  double* p = u + n;
+  tridiagonalize(a, n, d, e, u, p);
+  return tridiagonal_max_eigenvalue(d, e, n, u);
 }
 
 // Largest singular value from the largest eigenvalue of a Gram matrix (clamped at 0: rounding

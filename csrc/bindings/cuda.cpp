@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(MARS_WITH_CUDA)
@@ -86,8 +87,10 @@ std::vector<std::int64_t> parse_shape(const py::handle& shape_obj, const std::st
   if (!py::isinstance<py::tuple>(shape_obj) && !py::isinstance<py::list>(shape_obj)) {
     throw py::type_error(name + ": the array interface 'shape' must be a tuple");
   }
+  const auto seq = py::reinterpret_borrow<py::sequence>(shape_obj);
   std::vector<std::int64_t> shape;
-  for (const auto& d : py::reinterpret_borrow<py::sequence>(shape_obj)) {
+  shape.reserve(seq.size());
+  for (const auto& d : seq) {
     const auto v = d.cast<std::int64_t>();
     if (v < 0) throw std::invalid_argument(name + " has a negative dimension");
     shape.push_back(v);
@@ -172,6 +175,14 @@ void require_kind(const DeviceArray& a, Kind k, const char* what) {
   if (a.kind != k) throw py::type_error(a.name + " must be " + what + ", got " + a.describe());
 }
 
+// 1-D shape (n,) without building a vector (the per-task checks of the batch launchers).
+void require_shape(const DeviceArray& a, std::int64_t n) {
+  if (a.shape.size() != 1 || a.shape[0] != n) {
+    throw std::invalid_argument(a.name + " must have shape (" + std::to_string(n) + ",), got " +
+                                a.shape_str());
+  }
+}
+
 void require_shape(const DeviceArray& a, const std::vector<std::int64_t>& shape) {
   if (a.shape != shape) {
     DeviceArray expected;
@@ -197,7 +208,8 @@ void require_on_device(const DeviceArray& a, int device) {
 // reported as such even on a machine without a device).
 class DeviceCheck {
  public:
-  void add(const DeviceArray& a) { arrays_.push_back(a); }
+  void add(DeviceArray a) { arrays_.push_back(std::move(a)); }
+  void reserve(std::size_t n) { arrays_.reserve(n); }
   void run(int device) const {
     for (const DeviceArray& a : arrays_) require_on_device(a, device);
   }
@@ -233,8 +245,9 @@ void spectral(const py::object& weights_obj, const py::object& scales_obj,
   }
   std::vector<mc::SpectralTask> tasks(weights.size());
   DeviceCheck devices;
+  devices.reserve(3 * weights.size());
   for (std::size_t i = 0; i < weights.size(); ++i) {
-    const DeviceArray w = parse_float(weights[i], item("weights", i));
+    DeviceArray w = parse_float(weights[i], item("weights", i));
     if (w.shape.size() < 2) {
       throw std::invalid_argument(w.name + " must have ndim >= 2, shape (out, in, *kernel) or "
                                   "(out, in) for a Linear layer; got shape " + w.shape_str());
@@ -246,18 +259,18 @@ void spectral(const py::object& weights_obj, const py::object& scales_obj,
     t.rows = w.shape[1];
     t.cols = 1;
     for (std::size_t d = 2; d < w.shape.size(); ++d) t.cols *= w.shape[d];
-    const DeviceArray r = parse(results[i], item("results", i), true);
+    DeviceArray r = parse(results[i], item("results", i), true);
     require_kind(r, Kind::f64, "float64");
-    require_shape(r, {t.out});
+    require_shape(r, t.out);
     t.result = r.as<double>();
-    devices.add(w);
-    devices.add(r);
+    devices.add(std::move(w));
+    devices.add(std::move(r));
     if (!scales[i].is_none()) {
-      const DeviceArray s = parse(scales[i], item("scales", i), false);
+      DeviceArray s = parse(scales[i], item("scales", i), false);
       require_kind(s, Kind::f64, "float64");
-      require_shape(s, {t.out});
-      devices.add(s);
+      require_shape(s, t.out);
       t.scale = s.as<const double>();
+      devices.add(std::move(s));
     }
   }
   devices.run(device);
@@ -276,18 +289,18 @@ void top_k_ceil(const py::object& values_obj, double kappa, const py::object& ou
   std::vector<mc::TopKTask> tasks(values.size());
   DeviceCheck devices;
   for (std::size_t i = 0; i < values.size(); ++i) {
-    const DeviceArray v = parse(values[i], item("values", i), false);
+    DeviceArray v = parse(values[i], item("values", i), false);
     require_kind(v, Kind::f64, "float64");
     if (v.shape.size() != 1 || v.shape[0] == 0) {
       throw std::invalid_argument(v.name + " must be 1-D and non-empty, got shape " + v.shape_str());
     }
     const std::int64_t k = mars::topk::ceil_count(kappa, v.shape[0]);
-    const DeviceArray o = parse(outs[i], item("outs", i), true);
+    DeviceArray o = parse(outs[i], item("outs", i), true);
     require_kind(o, Kind::f64, "float64");
-    require_shape(o, {k});
-    devices.add(v);
-    devices.add(o);
+    require_shape(o, k);
     tasks[i] = mc::TopKTask{v.as<const double>(), v.shape[0], k, o.as<double>()};
+    devices.add(std::move(v));
+    devices.add(std::move(o));
   }
   devices.run(device);
   py::gil_scoped_release release;
@@ -309,18 +322,18 @@ void top_k_quantile(const py::object& values_obj, double kappa, const py::object
   devices.add(counts);
   std::vector<mc::TopKQuantileTask> tasks(values.size());
   for (std::size_t i = 0; i < values.size(); ++i) {
-    const DeviceArray v = parse(values[i], item("values", i), false);
+    DeviceArray v = parse(values[i], item("values", i), false);
     require_kind(v, Kind::f64, "float64");
     if (v.shape.size() != 1 || v.shape[0] == 0) {
       throw std::invalid_argument(v.name + " must be 1-D and non-empty, got shape " + v.shape_str());
     }
-    const DeviceArray o = parse(outs[i], item("outs", i), true);
+    DeviceArray o = parse(outs[i], item("outs", i), true);
     require_kind(o, Kind::f64, "float64");
-    require_shape(o, {v.shape[0]});
-    devices.add(v);
-    devices.add(o);
+    require_shape(o, v.shape[0]);
     tasks[i] = mc::TopKQuantileTask{v.as<const double>(), v.shape[0], 1.0 - kappa, o.as<double>(),
                                     counts.as<std::int64_t>() + i};
+    devices.add(std::move(v));
+    devices.add(std::move(o));
   }
   devices.run(device);
   py::gil_scoped_release release;

@@ -138,7 +138,7 @@ def channel_spectral_norms_batched_cuda(weights: Sequence[Any], scales: Sequence
     if len(scales) != len(weights):
         raise ValueError(f"got {len(weights)} weights but {len(scales)} scales")
     lib = library(weights[0], "weights[0]")
-    ws, ss, outs = [], [], []
+    ws, ss = [], []
     for i, (w, s) in enumerate(zip(weights, scales)):
         w = float_input(lib, w, f"weights[{i}]")
         if w.ndim < 2:
@@ -151,10 +151,11 @@ def channel_spectral_norms_batched_cuda(weights: Sequence[Any], scales: Sequence
                                  f"{tuple(w.shape)}, got {tuple(s.shape)}")
             if check_finite:
                 require_finite(lib, s, "scale")
-        out = lib.empty((int(w.shape[0]),), "float64")
         ws.append(w)
-        ss.append(None if s is None else s)
-        outs.append(out)
+        ss.append(s)
+    # One allocation for all results; each result is a view of it.
+    sizes = [int(w.shape[0]) for w in ws]
+    outs = lib.split(lib.empty((sum(sizes),), "float64"), sizes)
     _core.cuda.channel_spectral_norms([lib.desc(w) for w in ws],
                                       [None if s is None else lib.desc(s) for s in ss],
                                       [lib.desc(o) for o in outs], lib.index, lib.stream())

@@ -11,6 +11,7 @@ descriptors the bindings read, and gives the library's current stream. Internal 
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ import numpy as np
 from mars_native import _core
 
 _TYPESTR = {"float32": "<f4", "float64": "<f8", "int64": "<i8"}
+_TORCH_DTYPE_NAMES: dict[Any, str] = {}  # torch dtype -> "float32" (filled on first use)
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -99,7 +101,10 @@ class TorchArrays:
         return self.torch.as_tensor(x, device=self.device)  # zero-copy for CUDA interface objects
 
     def dtype_name(self, x: Any) -> str:
-        return str(x.dtype).replace("torch.", "")
+        name = _TORCH_DTYPE_NAMES.get(x.dtype)
+        if name is None:
+            name = _TORCH_DTYPE_NAMES[x.dtype] = str(x.dtype).replace("torch.", "")
+        return name
 
     def on_device(self, x: Any, name: str) -> Any:
         if not self.owns(x):
@@ -124,7 +129,10 @@ class TorchArrays:
         return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.device)
 
     def desc(self, x: Any) -> tuple:
-        return (int(x.data_ptr()), tuple(int(s) for s in x.shape), _TYPESTR[self.dtype_name(x)], self.index)
+        return (x.data_ptr(), tuple(x.shape), _TYPESTR[self.dtype_name(x)], self.index)
+
+    def split(self, x: Any, sizes: list[int]) -> list[Any]:
+        return list(self.torch.split(x, sizes))
 
     def stream(self) -> int:
         return int(self.torch.cuda.current_stream(self.device).cuda_stream)
@@ -207,6 +215,10 @@ class CuPyArrays:
 
     def desc(self, x: Any) -> tuple:
         return (int(x.data.ptr), tuple(int(s) for s in x.shape), _TYPESTR[str(x.dtype)], self.index)
+
+    def split(self, x: Any, sizes: list[int]) -> list[Any]:
+        offsets = itertools.accumulate(sizes, initial=0)
+        return [x[a:b] for a, b in itertools.pairwise(offsets)]
 
     def stream(self) -> int:
         with self.device:

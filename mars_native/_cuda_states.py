@@ -20,6 +20,7 @@ from mars_native._cuda import (
 )
 from mars_native._cuda_arrays import (
     FLOAT_DTYPES,
+    _module_root,
     array_shape,
     check_kappa,
     dtype_name,
@@ -143,6 +144,43 @@ def bn_scale_cuda(state: Mapping[str, Any], bn_prefix: str, bn_eps: float = 1e-5
     return gamma / lib.sqrt(var + bn_eps)
 
 
+def bn_scales_stacked(states: Sequence[Mapping[str, Any]], bn_prefix: str, bn_eps: float = 1e-5,
+                      mode: str = "paper") -> Any | None:
+    """The BN scales of one layer of many models at once: a float64 ``(n_models, out)`` device
+    array whose row i equals ``bn_scale_cuda(states[i], bn_prefix, bn_eps, mode)`` bit for bit
+    (the same elementwise IEEE operations, on the stacked vectors: a handful of launches per
+    layer instead of per layer and model). None when the models' BN vectors are not torch
+    tensors of one dtype and shape on one device (the caller then takes the per-model path,
+    whose errors name the offending key)."""
+    prefix = f"{bn_prefix}." if bn_prefix else ""
+    var_key, gkey = prefix + "running_var", prefix + "weight"
+    columns = []
+    for key in (var_key, gkey):  # without gamma (affine=False) the per-model path is taken
+        if key not in states[0]:
+            return None
+        ref = states[0][key]
+        if _module_root(ref) != "torch" or not getattr(ref, "is_cuda", False) or ref.ndim != 1:
+            return None
+        kind, shape, dev = type(ref), ref.shape, ref.device
+        column = []
+        for state in states:
+            v = state[key] if key in state else None  # noqa: SIM401 (any Mapping)
+            if type(v) is not kind or v.dtype != ref.dtype or v.shape != shape or v.device != dev:
+                return None
+            column.append(v)
+        columns.append(column)
+    lib = library(columns[0][0], var_key)
+    var_dtype, gamma_dtype = lib.dtype_name(columns[0][0]), lib.dtype_name(columns[1][0])
+    if gamma_dtype not in FLOAT_DTYPES or not (var_dtype in FLOAT_DTYPES or var_dtype.startswith(("int", "uint"))):
+        return None  # the per-model path raises the TypeError naming the key
+    var = float_input(lib, lib.stack(columns[0]), var_key, allow_int=True, to64=True)
+    if mode == "official":
+        var = lib.where_nan(var, 0.0)
+    var = lib.clamp_min(var, 0.0)
+    gamma = lib.abs(float_input(lib, lib.stack(columns[1]), gkey, to64=True))
+    return gamma / lib.sqrt(var + bn_eps)
+
+
 def layer_inputs(state: Mapping[str, Any], layers: Sequence[Any], bn_eps: float,
                  mode: str) -> tuple[list[Any], list[Any]]:
     """The weights of ``layers`` in ``state`` and their BN scales on the device (None: no BN)."""
@@ -150,6 +188,24 @@ def layer_inputs(state: Mapping[str, Any], layers: Sequence[Any], bn_eps: float,
     for layer in layers:
         weights.append(state[layer.weight_key])
         scales.append(None if layer.bn_prefix is None else bn_scale_cuda(state, layer.bn_prefix, bn_eps, mode))
+    return weights, scales
+
+
+def layer_inputs_many(states: Sequence[Mapping[str, Any]], layers: Sequence[Any], bn_eps: float,
+                      mode: str) -> tuple[list[Any], list[Any]]:
+    """:func:`layer_inputs` of every model, concatenated model after model (``len(states) *
+    len(layers)`` weights and scales); the BN scales of a layer are computed for all models at
+    once (:func:`bn_scales_stacked`) when their vectors allow it, else model by model."""
+    per = len(layers)
+    weights = [state[layer.weight_key] for state in states for layer in layers]
+    scales: list[Any] = [None] * (len(states) * per)
+    for j, layer in enumerate(layers):
+        if layer.bn_prefix is None:
+            continue
+        stacked = bn_scales_stacked(states, layer.bn_prefix, bn_eps, mode) if len(states) > 1 else None
+        for i, state in enumerate(states):
+            scales[i * per + j] = (stacked[i] if stacked is not None
+                                   else bn_scale_cuda(state, layer.bn_prefix, bn_eps, mode))
     return weights, scales
 
 
@@ -218,9 +274,7 @@ def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
                 if array_shape(state[key]) != array_shape(states[0][key]):
                     raise ValueError(f"states[{i}][{key!r}] has shape {array_shape(state[key])} but "
                                      f"states[0] has {array_shape(states[0][key])}")
-        w, s = layer_inputs(state, layers, bn_eps, mode)
-        weights += w
-        scales += s
+    weights, scales = layer_inputs_many(states, layers, bn_eps, mode)
     energies = channel_spectral_norms_batched_cuda(weights, scales, check_finite=False)
     lib = library(energies[0], "energies")
     per = len(layers)

@@ -32,7 +32,7 @@ def channel_spectral_norms(
     """Largest singular value of each ``weight[k]`` reshaped to ``(weight.shape[1], -1)``, times
     ``scale[k]``, via ``np.linalg.svd`` in float64.
 
-    Twin of :func:`mars_native.channel_spectral_norms` (which uses a Gram matrix + Jacobi): equal
+    Twin of :func:`mars_native.channel_spectral_norms` (Gram matrix + Householder/Laguerre): equal
     within ~1e-13 relative. Channels containing NaN/Inf give NaN, zero-size channels give 0.
     """
     w = np.asarray(weight, dtype=np.float64)

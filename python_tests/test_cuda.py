@@ -182,6 +182,11 @@ def test_cpu_arrays_never_take_the_cuda_path():
     np.testing.assert_allclose(got, ref.channel_spectral_norms(t.detach().numpy()), rtol=1e-9)
 
 
+def test_stacked_bn_scales_decline_host_arrays():
+    state = {"bn.running_var": np.ones(4, np.float32), "bn.weight": np.ones(4, np.float32)}
+    assert _cuda_states.bn_scales_stacked([state, state], "bn") is None
+
+
 def test_layers_of_a_device_state_are_found_from_shapes_only():
     pytest.importorskip("torch")
     from _torch_models import ResNet18
@@ -418,6 +423,37 @@ def test_cbe_of_resnet18_states_on_the_gpu_matches_cpu(torch_cuda, mode):
         assert list(be) == list(be_cpu)
         for name in be:
             np.testing.assert_allclose(be[name].cpu().numpy(), be_cpu[name], rtol=1e-11)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+def test_stacked_bn_scales_equal_per_model_and_fall_back(torch_cuda):
+    torch, dev = torch_cuda
+    from _torch_models import ResNet18, randomize_bn
+
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = randomize_bn(ResNet18(), torch.Generator().manual_seed(seed))
+        states.append({k: v.detach().to(dev) for k, v in model.state_dict().items()})
+    layers = _cuda_states.find_layers_from_shapes(states[0], None, False, "paper")
+    for mode in ("paper", "official"):
+        for layer in layers:
+            if layer.bn_prefix is None:
+                continue
+            stacked = _cuda_states.bn_scales_stacked(states, layer.bn_prefix, 1e-5, mode)
+            assert tuple(stacked.shape) == (3, int(states[0][layer.weight_key].shape[0]))
+            for i, state in enumerate(states):
+                per_model = _cuda_states.bn_scale_cuda(state, layer.bn_prefix, 1e-5, mode)
+                assert _bits(stacked[i]) == _bits(per_model)
+    # one model's running_var in float64: the stacked path declines, the per-model path scores it
+    prefix = layers[0].bn_prefix
+    mixed = [dict(s) for s in states]
+    mixed[1][f"{prefix}.running_var"] = mixed[1][f"{prefix}.running_var"].double()
+    assert _cuda_states.bn_scales_stacked(mixed, prefix) is None
+    batch = _cuda.concentrated_backdoor_energy_batch_cuda(mixed)
+    for state, row in zip(mixed, batch):
+        assert _bits(row) == _bits(_cuda.concentrated_backdoor_energy_cuda(state))
 
 
 @pytest.mark.gpu

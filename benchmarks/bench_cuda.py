@@ -4,9 +4,11 @@ Compares, on the same GPU and the same client models (float32 state_dicts, one t
 parameter, as a server holds them):
 
 * mars_native's CUDA backend: ``concentrated_backdoor_energy_batch_cuda`` (one batch of launches
-  for all clients: fp64 Gram + Jacobi per channel, then top-k per layer), timed end to end from
+  for all clients: fp64 Gram + Householder/Laguerre per channel, then top-k per layer), timed end to end from
   Python (CUDA events around the call), and the same kernels with the launch descriptors built
-  beforehand (``kernels only``: what a server that keeps its client buffers pays);
+  beforehand (``kernels only``: what a server that keeps its client buffers pays). Each is also
+  timed as GPU time alone (a spin kernel queued first hides the host's launch work from the
+  events), and the kernels-only GPU time is split into spectral norms and top-k;
 * the memory-read floor: the bytes the CBE must read (every scored conv weight and its BN
   vectors), divided by the device's read bandwidth measured with ``torch.sum`` over one buffer
   of that size;
@@ -15,7 +17,8 @@ parameter, as a server holds them):
   layer stacked over the clients first (one ``matrix_norm`` call per layer; the stack's copy is
   included).
 
-Prints a Markdown table (median of ``--repeat`` runs after warm-up) with the GPU model, the
+Prints a Markdown table (median of ``--repeat`` runs after warm-up; the PyTorch baselines:
+median of ``--torch-repeat`` runs after a warm-up on one client) with the GPU model, the
 command, and the ratios the issue asks for (mars vs floor: target <= 2x; torch vs mars: target
 >= 5x). Without a CUDA device (or without the CUDA backend, or without torch CUDA) it prints why
 and exits 0; nothing is estimated.
@@ -84,11 +87,13 @@ def make_states(torch, n: int, device, seed: int = 0) -> list[dict]:
     return states
 
 
-def cuda_time(torch, fn, repeat: int, warmup: int = 2) -> tuple[float, object]:
-    """Median milliseconds of fn() measured with CUDA events; returns (ms, last result)."""
+def cuda_time(torch, fn, repeat: int, warmup: int = 2, warm_fn=None) -> tuple[float, object]:
+    """Median milliseconds of fn() measured with CUDA events (host work included: the GPU waits
+    for the launches); returns (ms, last result). warm_fn (default fn) runs ``warmup`` times
+    first."""
     result = None
     for _ in range(warmup):
-        result = fn()
+        result = (warm_fn or fn)()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
@@ -99,6 +104,36 @@ def cuda_time(torch, fn, repeat: int, warmup: int = 2) -> tuple[float, object]:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), result
+
+
+def gpu_time(torch, fn, repeat: int, warmup: int = 2) -> tuple[float, float, bool]:
+    """(median GPU ms, median host ms, covered) of fn(): the GPU time of its kernels alone. A spin
+    kernel (torch.cuda._sleep) queued before the start event keeps the GPU busy while the host
+    builds and enqueues fn's launches, so the events see only the GPU work; the spin lasts 1.5x
+    the measured host time + 1 ms (covered: it outlasted the host work in every run, else the
+    GPU time includes idle gaps and is an over-estimate)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    hosts = []
+    for _ in range(max(3, repeat // 2)):
+        t = time.perf_counter()
+        fn()
+        hosts.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+    host_ms = statistics.median(hosts)
+    cycles = int((1.5 * max(hosts) + 1.0) * 2.0e6)  # at up to 2 GHz
+    times, covered = [], True
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)
+        start.record()
+        fn()
+        end.record()
+        covered &= not start.query()  # the spin is still running when the host is done
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), host_ms, covered
 
 
 def read_floor_ms(torch, n_bytes: int, device, repeat: int) -> float:
@@ -150,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kappa", type=float, default=0.05)
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--skip-torch", action="store_true", help="skip the (slow) PyTorch baselines")
+    ap.add_argument("--torch-repeat", type=int, default=3,
+                    help="timed runs of each PyTorch baseline after one warm-up run (median)")
+    ap.add_argument("--stacked-budget-s", type=float, default=40.0,
+                    help="run the stacked PyTorch baseline only if the per-layer one took less")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -183,12 +222,36 @@ def main(argv: list[str] | None = None) -> int:
         for s in states for layer in layers
     )
 
+    t0 = time.perf_counter()
+
+    def progress(what: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+    progress(f"{args.clients} clients on {gpu}; measuring the read floor")
     sum_ms = read_floor_ms(torch, n_bytes, dev, args.repeat)
     bandwidth = n_bytes / (sum_ms / 1e3)
 
-    mars_ms, cbe = cuda_time(
-        torch, lambda: _cuda.concentrated_backdoor_energy_batch_cuda(states, layers, args.kappa),
-        args.repeat)
+    results: dict = {"gpu": gpu, "clients": args.clients, "bytes": n_bytes, "repeat": args.repeat,
+                     "torch_repeat": args.torch_repeat, "floor_ms": sum_ms,
+                     "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def save() -> None:  # after every measurement: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
+    save()
+    progress(f"floor {sum_ms:.3f} ms; measuring mars_native end to end")
+
+    def mars_end_to_end():
+        return _cuda.concentrated_backdoor_energy_batch_cuda(states, layers, args.kappa)
+
+    mars_ms, cbe = cuda_time(torch, mars_end_to_end, args.repeat)
+    mars_gpu_ms, mars_host_ms, mars_covered = gpu_time(torch, mars_end_to_end, args.repeat)
+    results.update(mars_ms=mars_ms, mars_gpu_ms=mars_gpu_ms, mars_host_ms=mars_host_ms)
+    save()
+    progress(f"mars {mars_ms:.3f} ms (GPU {mars_gpu_ms:.3f} ms, host {mars_host_ms:.3f} ms); "
+             "measuring the kernels alone")
 
     # Kernels only: descriptors and outputs prepared once (what is left is the GPU work plus the
     # C++ launch path).
@@ -206,53 +269,88 @@ def main(argv: list[str] | None = None) -> int:
     vd = [lib.desc(v) for v in views]
     stream = lib.stream()
 
-    def kernels_only():
+    def spectral_only():
         _core.cuda.channel_spectral_norms(wd, sd, ed, dev.index, stream)
+
+    def top_k_only():
         _core.cuda.top_k_ceil(ed, args.kappa, vd, dev.index, stream)
 
-    kern_ms, _ = cuda_time(torch, kernels_only, args.repeat)
-    same = torch.equal(out, cbe)
+    def kernels_only():
+        spectral_only()
+        top_k_only()
 
-    rows = [("memory-read floor (torch.sum over the same bytes)", sum_ms),
-            ("mars_native CUDA: CBE batch, end to end from Python", mars_ms),
-            ("mars_native CUDA: kernels only (descriptors prepared)", kern_ms)]
+    kern_ms, _ = cuda_time(torch, kernels_only, args.repeat)
+    kern_gpu_ms, kern_host_ms, kern_covered = gpu_time(torch, kernels_only, args.repeat)
+    spec_gpu_ms, spec_host_ms, _ = gpu_time(torch, spectral_only, args.repeat)
+    topk_gpu_ms, topk_host_ms, _ = gpu_time(torch, top_k_only, args.repeat)
+    same = torch.equal(out, cbe)
+    results.update(mars_kernels_ms=kern_ms, mars_kernels_gpu_ms=kern_gpu_ms,
+                   mars_kernels_host_ms=kern_host_ms, spectral_gpu_ms=spec_gpu_ms,
+                   spectral_host_ms=spec_host_ms, top_k_gpu_ms=topk_gpu_ms,
+                   top_k_host_ms=topk_host_ms, covered=bool(mars_covered and kern_covered),
+                   kernels_equal_end_to_end=bool(same))
+    save()
+    progress(f"kernels {kern_ms:.3f} ms (GPU {kern_gpu_ms:.3f}: spectral {spec_gpu_ms:.3f}, top-k "
+             f"{topk_gpu_ms:.3f}; host {kern_host_ms:.3f})")
+
+    rows = [("memory-read floor (torch.sum over the same bytes)", sum_ms, None),
+            ("mars_native CUDA: CBE batch, end to end from Python", mars_ms, mars_host_ms),
+            ("  the same, GPU time of its kernels", mars_gpu_ms, None),
+            ("mars_native CUDA: kernels only (descriptors prepared)", kern_ms, kern_host_ms),
+            ("  the same, GPU time", kern_gpu_ms, None),
+            ("  of which spectral norms (GPU time)", spec_gpu_ms, spec_host_ms),
+            ("  of which top-k per layer (GPU time)", topk_gpu_ms, topk_host_ms)]
     torch_ms = stacked_ms = None
     max_rel = None
     if not args.skip_torch:
+        progress(f"measuring torch per client and layer ({args.torch_repeat} runs after a warm-up "
+                 "on one client)")
         torch_ms, ref = cuda_time(torch, lambda: torch_cbe(torch, states, layers, args.kappa),
-                                  max(1, args.repeat // 2), warmup=1)
-        stacked_ms, _ = cuda_time(torch, lambda: torch_cbe_stacked(torch, states, layers, args.kappa),
-                                  max(1, args.repeat // 2), warmup=1)
-        rows += [("torch.linalg.matrix_norm per client and layer (+BN scale, topk)", torch_ms),
-                 ("torch.linalg.matrix_norm per layer, clients stacked (stack included)", stacked_ms)]
+                                  args.torch_repeat, warmup=1,
+                                  warm_fn=lambda: torch_cbe(torch, states[:1], layers, args.kappa))
         max_rel = float(((ref.double() - cbe).abs() / cbe.abs()).max())
+        results.update(torch_ms=torch_ms, max_rel_diff_vs_torch=max_rel)
+        save()
+        rows.append(("torch.linalg.matrix_norm per client and layer (+BN scale, topk)", torch_ms, None))
+        progress(f"torch per layer {torch_ms:.1f} ms")
+        if torch_ms < 1000.0 * args.stacked_budget_s:
+            stacked_ms, _ = cuda_time(
+                torch, lambda: torch_cbe_stacked(torch, states, layers, args.kappa), args.torch_repeat,
+                warmup=1, warm_fn=lambda: torch_cbe_stacked(torch, states[:2], layers, args.kappa))
+            results.update(torch_stacked_ms=stacked_ms)
+            save()
+            rows.append(("torch.linalg.matrix_norm per layer, clients stacked (stack included)",
+                         stacked_ms, None))
+            progress(f"torch stacked {stacked_ms:.1f} ms")
+        else:
+            progress(f"torch stacked skipped: the per-layer baseline took over {args.stacked_budget_s} s")
 
     cmd = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
     print(f"## CBE of {args.clients} ResNet-18 clients on {gpu}\n")
     print(f"command: `{cmd}`  ")
     print(f"bytes read by the CBE: {n_bytes / 2**30:.3f} GiB ({len(layers)} scored layers per client), "
-          f"measured read bandwidth {bandwidth / 1e9:.0f} GB/s, median of {args.repeat} runs  ")
+          f"measured read bandwidth {bandwidth / 1e9:.0f} GB/s; median of {args.repeat} runs "
+          f"(PyTorch baselines: median of {args.torch_repeat} after one warm-up)  ")
     print(f"mars_native {_core.build_info()['version']}, CUDA runtime {info['runtime_version']}, "
           f"torch {torch.__version__}  \n")
-    print("| method | time (ms) | vs floor | mars speedup |")
-    print("|---|---:|---:|---:|")
-    for name, ms in rows:
-        print(f"| {name} | {ms:.3f} | {ms / sum_ms:.2f}x | {ms / mars_ms:.2f}x |")
+    print("| method | time (ms) | vs floor | vs mars end to end | host time of the call (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ms, host in rows:
+        host_s = "" if host is None else f"{host:.3f}"
+        print(f"| {name} | {ms:.3f} | {ms / sum_ms:.2f}x | {ms / mars_ms:.2f}x | {host_s} |")
     print()
-    print(f"mars end-to-end / floor = {mars_ms / sum_ms:.2f}x (target <= 2x); "
-          f"kernels only / floor = {kern_ms / sum_ms:.2f}x")
+    print(f"mars end-to-end / floor = {mars_ms / sum_ms:.2f}x, its GPU time / floor = "
+          f"{mars_gpu_ms / sum_ms:.2f}x; kernels only / floor = {kern_ms / sum_ms:.2f}x, their GPU "
+          f"time / floor = {kern_gpu_ms / sum_ms:.2f}x (target <= 2x); spin covered the host work: "
+          f"{results['covered']}")
     if torch_ms is not None:
-        print(f"torch per-layer / mars = {torch_ms / mars_ms:.1f}x, torch stacked / mars = "
-              f"{stacked_ms / mars_ms:.1f}x (target >= 5x); max relative difference of the CBEs "
-              f"(torch fp32 SVD vs mars fp64 Gram) = {max_rel:.2e}")
+        print(f"torch per-layer / mars end to end = {torch_ms / mars_ms:.1f}x (target >= 5x)"
+              + (f", torch stacked / mars = {stacked_ms / mars_ms:.1f}x" if stacked_ms else "")
+              + f"; max relative difference of the CBEs (torch fp32 SVD vs mars fp64 Gram) = "
+              f"{max_rel:.2e}")
     print(f"kernels-only result equals the end-to-end result bit for bit: {same}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": gpu, "clients": args.clients, "bytes": n_bytes, "repeat": args.repeat,
-                       "floor_ms": sum_ms, "mars_ms": mars_ms, "mars_kernels_ms": kern_ms,
-                       "torch_ms": torch_ms, "torch_stacked_ms": stacked_ms,
-                       "max_rel_diff_vs_torch": max_rel, "command": cmd,
-                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=2)
+    results["command"] = cmd
+    save()
     return 0
 
 

@@ -9,4 +9,4 @@ BUILD=${1:-build/dev}; shift || true
 PYBIND11_DIR=$($PY -c "import pybind11; print(pybind11.get_cmake_dir())")
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMARS_NATIVE_WERROR=ON \
   -DMARS_NATIVE_INPLACE=ON -Dpybind11_DIR="$PYBIND11_DIR" -DPython_EXECUTABLE="$(command -v $PY)" "$@" >/dev/null
-cmake --build "$BUILD" -j 2
+cmake --build "$BUILD" -j "${JOBS:-2}"

@@ -7,7 +7,11 @@
 #   4. benchmarks/bench_cuda.py (CBE of N ResNet-18 clients vs the read floor and torch);
 #   5. optionally (GPU_CHECK_NCU=1) per-kernel durations of one small CBE call under ncu.
 # Logs go to $OUT (default ./gpu-out). Exit status: the first failing step's.
-# Usage: OUT=dir [ARCH=90] [CLIENTS=100] [GPU_CHECK_TESTS=0] [GPU_CHECK_NCU=1] tools/gpu_check.sh
+# Usage: OUT=dir [ARCH=90] [CLIENTS=100] [TORCH_CLIENTS=10] [TORCH_REPEAT=1] [GPU_CHECK_TESTS=0]
+#        [GPU_CHECK_NCU=1] tools/gpu_check.sh
+# (The PyTorch baseline is slow: one run of matrix_norm over 100 ResNet-18 clients did not finish in
+# 160 s on an H200, so by default it scores the first TORCH_CLIENTS clients and mars_native is timed
+# on the same ones for the ratio. The ncu step profiles every kernel and needs a small run.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -40,7 +44,7 @@ $PY -c "import mars_native as mn; print(mn.build_info())" 2>&1 | tee -a "$OUT/in
 [ "${GPU_CHECK_TESTS:-1}" = 1 ] && step tests 150 $PY -m pytest -q -x -p no:cacheprovider -rs python_tests/test_cuda.py \
   python_tests/test_defense.py
 step bench "${BENCH_LIMIT:-200}" $PY benchmarks/bench_cuda.py --clients "$CLIENTS" --repeat 10 \
-  --torch-repeat "${TORCH_REPEAT:-1}" --json "$OUT/bench_cuda.json"
+  --torch-repeat "${TORCH_REPEAT:-1}" --torch-clients "${TORCH_CLIENTS:-10}" --json "$OUT/bench_cuda.json"
 if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then
   step ncu 80 ncu --clock-control none --print-summary per-kernel \
     $PY benchmarks/bench_cuda.py --clients 10 --repeat 1 --skip-torch

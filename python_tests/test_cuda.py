@@ -210,6 +210,19 @@ def torch_cuda():
     return torch, torch.device("cuda", 0)
 
 
+def _random_states(torch, model_cls, n: int) -> list[dict]:
+    """n state_dicts (CPU tensors) of ``model_cls()`` with seeds 0..n-1: random weights and
+    non-trivial BatchNorm statistics."""
+    from _torch_models import randomize_bn
+
+    states = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        model = randomize_bn(model_cls(), torch.Generator().manual_seed(seed))
+        states.append({k: v.detach() for k, v in model.state_dict().items()})
+    return states
+
+
 def _bits(a) -> bytes:
     a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
     return np.ascontiguousarray(a).tobytes()
@@ -399,15 +412,11 @@ def test_weighted_mean_matches_cpu_aggregate(torch_cuda, n_buf, size, dtype, out
 @pytest.mark.parametrize("mode", ["paper", "official"])
 def test_cbe_of_resnet18_states_on_the_gpu_matches_cpu(torch_cuda, mode):
     torch, dev = torch_cuda
-    from _torch_models import ResNet18, randomize_bn
+    from _torch_models import ResNet18
 
-    states_cpu, states_gpu = [], []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        model = randomize_bn(ResNet18(), torch.Generator().manual_seed(seed))
-        sd = {k: v.detach() for k, v in model.state_dict().items()}
-        states_cpu.append({k: v.numpy() for k, v in sd.items()})
-        states_gpu.append({k: v.to(dev) for k, v in sd.items()})
+    states = _random_states(torch, ResNet18, 3)
+    states_cpu = [{k: v.numpy() for k, v in sd.items()} for sd in states]
+    states_gpu = [{k: v.to(dev) for k, v in sd.items()} for sd in states]
     batch = _cuda.concentrated_backdoor_energy_batch_cuda(states_gpu, kappa=0.05, mode=mode)
     again = _cuda.concentrated_backdoor_energy_batch_cuda(states_gpu, kappa=0.05, mode=mode)
     rows = list(batch) if mode == "paper" else batch
@@ -429,13 +438,9 @@ def test_cbe_of_resnet18_states_on_the_gpu_matches_cpu(torch_cuda, mode):
 @pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
 def test_stacked_bn_scales_equal_per_model_and_fall_back(torch_cuda):
     torch, dev = torch_cuda
-    from _torch_models import ResNet18, randomize_bn
+    from _torch_models import ResNet18
 
-    states = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        model = randomize_bn(ResNet18(), torch.Generator().manual_seed(seed))
-        states.append({k: v.detach().to(dev) for k, v in model.state_dict().items()})
+    states = [{k: v.to(dev) for k, v in sd.items()} for sd in _random_states(torch, ResNet18, 3)]
     layers = _cuda_states.find_layers_from_shapes(states[0], None, False, "paper")
     for mode in ("paper", "official"):
         for layer in layers:
@@ -477,15 +482,13 @@ def test_cupy_arrays_stay_cupy_arrays():
 @pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
 def test_aggregate_states_and_finiteness_on_the_gpu(torch_cuda):
     torch, dev = torch_cuda
-    from _torch_models import SmallCNN, randomize_bn
+    from _torch_models import SmallCNN
 
     from mars_native.aggregation import weighted_mean
 
     states = []
-    for seed in range(4):
-        torch.manual_seed(seed)
-        model = randomize_bn(SmallCNN(), torch.Generator().manual_seed(seed))
-        sd = {k: v.detach().to(dev) for k, v in model.state_dict().items()}
+    for seed, sd in enumerate(_random_states(torch, SmallCNN, 4)):
+        sd = {k: v.to(dev) for k, v in sd.items()}
         sd["bn1.num_batches_tracked"] = torch.tensor(10 * seed, device=dev)
         states.append(sd)
     w = [1.0, 2.0, 0.0, 3.0]

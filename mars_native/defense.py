@@ -28,7 +28,6 @@ from mars_native.cluster import KWMeans
 from mars_native.energy import (
     backdoor_energy,
     concentrate,
-    concentrated_backdoor_energy,
     layer_inputs,
     score_inputs,
 )
@@ -389,22 +388,54 @@ class MARS:
     ) -> tuple[np.ndarray | None, str | None]:
         """``client_cbe`` for a state held on a GPU: validated and scored on the device; only the
         CBE (a few hundred values) comes back to the host."""
-        reason = check_state(state, template)
-        if reason is not None:
-            return None, reason
-        try:
-            layers = self.layers_for(state, reference)
-            if not layers:
-                what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
-                return None, f"no_scorable_layer: the model has no {what}"
-            cbe = concentrated_backdoor_energy(state, self.kappa, self.mode, layers=layers,
-                                               bn_eps=self.bn_eps)
-            cbe = np.asarray(_cuda.to_host(cbe), dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            return None, f"invalid_type: {exc}"
-        if not np.isfinite(cbe).all():
-            return None, "non_finite: a scored layer has a non-finite backdoor energy"
-        return cbe, None
+        return self._device_cbes([state], template, reference)[0]
+
+    def _device_cbes(
+        self, states: Sequence[Any], template: Template | None, reference: Mapping[str, Any] | None
+    ) -> list[tuple[np.ndarray | None, str | None]]:
+        """``client_cbe`` of GPU clients: each is validated on its own, then the valid clients
+        that share a device, an array library and their scored layers are scored in one batch of
+        launches (``concentrated_backdoor_energy_batch_cuda``) and their CBEs come to the host in
+        one copy: the same values, bit for bit, as one client at a time (the kernels compute
+        every channel, BN scale and layer on its own)."""
+        results: list[tuple[np.ndarray | None, str | None]] = [(None, None)] * len(states)
+        groups: dict[tuple, tuple[list[Layer], list[int]]] = {}
+        for i, state in enumerate(states):
+            reason = check_state(state, template)
+            if reason is not None:
+                results[i] = (None, reason)
+                continue
+            try:
+                layers = self.layers_for(state, reference)
+                if not layers:
+                    what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
+                    results[i] = (None, f"no_scorable_layer: the model has no {what}")
+                    continue
+                lib = _cuda.library(state[layers[0].weight_key], layers[0].weight_key)
+            except (TypeError, ValueError) as exc:
+                results[i] = (None, f"invalid_type: {exc}")
+                continue
+            groups.setdefault((id(layers), type(lib).__name__, lib.index), (layers, []))[1].append(i)
+
+        def score(members: list[int], layers: list[Layer]) -> list[tuple[np.ndarray | None, str | None]]:
+            batch = _cuda.concentrated_backdoor_energy_batch_cuda(
+                [states[i] for i in members], layers, self.kappa, self.mode, bn_eps=self.bn_eps)
+            rows = (list(np.asarray(_cuda.to_host(batch), dtype=np.float64)) if self.mode == "paper"
+                    else [np.asarray(_cuda.to_host(row), dtype=np.float64) for row in batch])
+            return [(cbe, None) if np.isfinite(cbe).all() else
+                    (None, "non_finite: a scored layer has a non-finite backdoor energy") for cbe in rows]
+
+        for layers, members in groups.values():
+            try:
+                scored = score(members, layers)
+            except (TypeError, ValueError) as exc:
+                if len(members) == 1:
+                    scored = [(None, f"invalid_type: {exc}")]
+                else:  # let each client say why
+                    scored = [self._device_cbes([states[i]], template, reference)[0] for i in members]
+            for i, res in zip(members, scored):
+                results[i] = res
+        return results
 
     def _on_device(self, state: Any) -> Any:
         """``state`` moved where ``self.device`` says (unchanged for "auto" or non-mappings)."""
@@ -423,7 +454,9 @@ class MARS:
 
         Every client is validated on its own (a bad one is rejected with its reason); the scored
         layers of all valid CPU clients are then scored in one native call, so that the threads
-        share the whole round's work (the same values, bit for bit, as :meth:`client_cbe`).
+        share the whole round's work, and the valid GPU clients of one device in one batch of
+        launches with a single copy of their CBEs to the host (the same values, bit for bit, as
+        :meth:`client_cbe`).
 
         Args:
             states: the clients' state_dicts (NumPy arrays or torch tensors), any iterable.
@@ -455,8 +488,10 @@ class MARS:
                                        [layouts[i] for i in host])
         for i, res in zip(host, host_results):
             results[i] = res
-        for i in sorted(set(range(len(states))) - set(host)):
-            results[i] = self.client_cbe(states[i], template, global_state)
+        device = sorted(set(range(len(states))) - set(host))
+        for i, res in zip(device, self._device_cbes([states[i] for i in device], template,
+                                                    global_state)):
+            results[i] = res
         cbes = [cbe for cbe, _ in results]
         reasons = [reason for _, reason in results]
         report = self.decide(cbes, reasons)

@@ -463,6 +463,27 @@ def test_stacked_bn_scales_equal_per_model_and_fall_back(torch_cuda):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_detect_on_the_gpu_matches_the_cpu(torch_cuda, mode):
+    """MARS.detect with GPU clients (scored in one batch) against the same clients on the CPU,
+    with one client that has NaN in a scored weight (rejected on both)."""
+    torch, dev = torch_cuda
+    from _torch_models import SmallCNN
+
+    states = _random_states(torch, SmallCNN, 7)
+    key = next(k for k, v in states[2].items() if v.ndim == 4)
+    states[2][key][0, 0, 0, 0] = float("nan")
+    gpu = mn.MARS(mode=mode).detect([{k: v.to(dev) for k, v in s.items()} for s in states])
+    cpu = mn.MARS(mode=mode).detect([{k: v.numpy() for k, v in s.items()} for s in states])
+    np.testing.assert_array_equal(gpu.accepted, cpu.accepted)
+    assert [r is None for r in gpu.reasons] == [r is None for r in cpu.reasons]
+    assert gpu.reasons[2].startswith("non_finite")
+    valid = [i for i, r in enumerate(cpu.reasons) if r is None]
+    np.testing.assert_allclose(gpu.cbe[valid], cpu.cbe[valid], rtol=1e-11)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
 def test_cupy_arrays_stay_cupy_arrays():
     cupy = pytest.importorskip("cupy")
     rng = np.random.default_rng(3)

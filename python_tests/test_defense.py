@@ -190,3 +190,56 @@ def test_misaligned_views():
     assert not misaligned.flags.aligned
     np.testing.assert_array_equal(mn.top_k_energy(misaligned, 0.2), mn.top_k_energy(values, 0.2))
     assert mn.wasserstein_1d(misaligned, values) == 0.0
+
+
+class _FakeGpuState(dict):
+    """Stands in for a state_dict of CUDA tensors in the CPU test of detect()'s GPU plumbing."""
+
+
+class _FakeLib:
+    index = 0
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_detect_scores_gpu_clients_in_one_batch_like_one_at_a_time(monkeypatch, cnn, mode):
+    """MARS.detect's GPU path, on the CPU: clients of a marker type take the device route, the
+    device batch scorer is replaced by the CPU's concentrated_backdoor_energies. The report must
+    equal the CPU path's; valid clients that share their layers go to the scorer in one batch; a
+    batch that fails falls back to one client at a time with the same CBEs; invalid clients keep
+    their own reasons."""
+    from mars_native import _cuda, defense
+
+    states, _ = _clients(cnn, 6, 2, seed=5, numpy=True)
+    bad = dict(states[3])
+    bad.pop(next(iter(bad)))  # a missing key: rejected by the template check
+    nan = {k: v.copy() for k, v in states[5].items()}
+    key = next(k for k, v in nan.items() if v.ndim == 4)
+    nan[key][0, 0, 0, 0] = np.nan
+    states = [*states[:3], bad, states[4], nan, *states[6:]]
+    expected = mn.MARS(mode=mode).detect(states)
+
+    calls = []
+
+    def batch(group, layers, kappa, mode_, *, bn_eps):
+        calls.append(len(group))
+        if fail and len(group) > 1:
+            raise ValueError("simulated batch failure")
+        cbes = mn.concentrated_backdoor_energies([dict(s) for s in group], kappa, mode_, layers=layers,
+                                                 bn_eps=bn_eps)
+        return cbes if mode_ == "paper" else list(cbes)
+
+    monkeypatch.setattr(defense, "on_device", lambda s: isinstance(s, _FakeGpuState))
+    monkeypatch.setattr(_cuda, "library", lambda x, name: _FakeLib())
+    monkeypatch.setattr(_cuda, "to_host", np.asarray)
+    monkeypatch.setattr(_cuda, "concentrated_backdoor_energy_batch_cuda", batch, raising=False)
+    for fail in (False, True):
+        calls.clear()
+        got = mn.MARS(mode=mode).detect([_FakeGpuState(s) for s in states])
+        np.testing.assert_array_equal(got.accepted, expected.accepted)
+        assert [r is None for r in got.reasons] == [r is None for r in expected.reasons]
+        assert got.reasons[3] == expected.reasons[3]
+        assert got.reasons[5].startswith("non_finite") and expected.reasons[5].startswith("non_finite")
+        assert got.cbe.tobytes() == expected.cbe.tobytes()
+        np.testing.assert_array_equal(got.labels, expected.labels)
+        # the NaN client passes the template but not the finiteness check of check_state
+        assert calls == ([6] if not fail else [6, 1, 1, 1, 1, 1, 1])

@@ -26,6 +26,7 @@ import numpy as np
 from mars_native import _core
 from mars_native._cuda_arrays import (
     Arrays,
+    TorchArrays,
     _module_root,
     check_kappa,
     check_p,
@@ -131,35 +132,61 @@ def channel_spectral_norms_cuda(weight: Any, scale: Any = None, *, check_finite:
 def channel_spectral_norms_batched_cuda(weights: Sequence[Any], scales: Sequence[Any] | None = None,
                                         *, check_finite: bool = True) -> list[Any]:
     """Spectral norms of many weight tensors (all on one device) in one batch of launches."""
+    return _spectral_launch(weights, scales, check_finite)[0]
+
+
+def _spectral_launch(weights: Sequence[Any], scales: Sequence[Any] | None,
+                     check_finite: bool) -> tuple[list[Any], list[tuple]]:
+    """:func:`channel_spectral_norms_batched_cuda` and the descriptors of its results (views of
+    one float64 buffer). Torch tensors the kernels can read as they are skip the validating,
+    converting path (``TorchArrays.fast_desc``); anything else takes it."""
     weights = list(weights)
     if not weights:
-        return []
+        return [], []
     scales = [None] * len(weights) if scales is None else list(scales)
     if len(scales) != len(weights):
         raise ValueError(f"got {len(weights)} weights but {len(scales)} scales")
     lib = library(weights[0], "weights[0]")
-    ws, ss = [], []
+    fast = isinstance(lib, TorchArrays) and not check_finite
+    wd, sd, sizes, keep = [], [], [], []
     for i, (w, s) in enumerate(zip(weights, scales)):
-        w = float_input(lib, w, f"weights[{i}]")
-        if w.ndim < 2:
-            raise ValueError(f"weights[{i}] must have ndim >= 2, shape (out, in, *kernel) or (out, in) "
-                             f"for a Linear layer; got shape {tuple(w.shape)}")
+        d = lib.fast_desc(w) if fast else None
+        if d is None or len(d[1]) < 2:
+            w = float_input(lib, w, f"weights[{i}]")
+            if w.ndim < 2:
+                raise ValueError(f"weights[{i}] must have ndim >= 2, shape (out, in, *kernel) or (out, in) "
+                                 f"for a Linear layer; got shape {tuple(w.shape)}")
+            keep.append(w)  # a converted copy must outlive the launches
+            d = lib.desc(w)
+        n_out = int(d[1][0])
+        e = None
         if s is not None:
-            s = float_input(lib, s, f"scales[{i}]", allow_int=True, to64=True)
-            if tuple(s.shape) != (int(w.shape[0]),):
-                raise ValueError(f"scale must have shape ({int(w.shape[0])},) to match weight of shape "
-                                 f"{tuple(w.shape)}, got {tuple(s.shape)}")
-            if check_finite:
-                require_finite(lib, s, "scale")
-        ws.append(w)
-        ss.append(s)
+            e = lib.fast_desc(s, f64_only=True) if fast else None
+            if e is None or e[1] != (n_out,):
+                s = float_input(lib, s, f"scales[{i}]", allow_int=True, to64=True)
+                if tuple(s.shape) != (n_out,):
+                    raise ValueError(f"scale must have shape ({n_out},) to match weight of shape "
+                                     f"{tuple(d[1])}, got {tuple(s.shape)}")
+                if check_finite:
+                    require_finite(lib, s, "scale")
+                keep.append(s)
+                e = lib.desc(s)
+        wd.append(d)
+        sd.append(e)
+        sizes.append(n_out)
     # One allocation for all results; each result is a view of it.
-    sizes = [int(w.shape[0]) for w in ws]
-    outs = lib.split(lib.empty((sum(sizes),), "float64"), sizes)
-    _core.cuda.channel_spectral_norms([lib.desc(w) for w in ws],
-                                      [None if s is None else lib.desc(s) for s in ss],
-                                      [lib.desc(o) for o in outs], lib.index, lib.stream())
-    return outs
+    buf = lib.empty((sum(sizes),), "float64")
+    outs = lib.split(buf, sizes)
+    if isinstance(lib, TorchArrays):
+        base, rd, offset = buf.data_ptr(), [], 0
+        for n_out in sizes:
+            rd.append((base + 8 * offset, (n_out,), "<f8", lib.index))
+            offset += n_out
+    else:
+        rd = [lib.desc(o) for o in outs]
+    _core.cuda.channel_spectral_norms(wd, sd, rd, lib.index, lib.stream())
+    del keep  # (the launches are enqueued; stream order protects the memory from now on)
+    return outs, rd
 
 
 def _values_1d(lib: Arrays, values: Any, name: str, check_finite: bool) -> Any:

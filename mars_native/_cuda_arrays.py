@@ -93,6 +93,7 @@ class TorchArrays:
         self.torch = torch
         self.device = device  # torch.device("cuda", i)
         self.index = int(device.index if device.index is not None else torch.cuda.current_device())
+        self._readable = {torch.float32: "<f4", torch.float64: "<f8"}
 
     def owns(self, x: Any) -> bool:
         return _module_root(x) == "torch" and bool(getattr(x, "is_cuda", False))
@@ -133,6 +134,17 @@ class TorchArrays:
 
     def split(self, x: Any, sizes: list[int]) -> list[Any]:
         return list(self.torch.split(x, sizes))
+
+    def fast_desc(self, x: Any, f64_only: bool = False) -> tuple | None:
+        """``desc(x)`` when the kernels can read ``x`` as it is: a plain torch tensor on this
+        device, float32 or float64 (float64 only with ``f64_only``), C-contiguous, without a
+        pending negation; else None (the caller then takes the validating, converting path).
+        A few attribute reads, for the thousands of tensors of a round."""
+        ts = self._readable.get(x.dtype) if type(x) is self.torch.Tensor else None
+        if (ts is None or (f64_only and ts != "<f8") or x.get_device() != self.index
+                or not x.is_contiguous() or x.is_neg()):
+            return None
+        return (x.data_ptr(), tuple(x.shape), ts, self.index)
 
     def stream(self) -> int:
         return int(self.torch.cuda.current_stream(self.device).cuda_stream)

@@ -14,12 +14,14 @@ import numpy as np
 from mars_native import _core
 from mars_native._arrays import to_numpy
 from mars_native._cuda import (
+    _spectral_launch,
     _top_k_many,
     channel_spectral_norms_batched_cuda,
     weighted_mean_cuda,
 )
 from mars_native._cuda_arrays import (
     FLOAT_DTYPES,
+    TorchArrays,
     _module_root,
     array_shape,
     check_kappa,
@@ -144,6 +146,10 @@ def bn_scale_cuda(state: Mapping[str, Any], bn_prefix: str, bn_eps: float = 1e-5
     return gamma / lib.sqrt(var + bn_eps)
 
 
+def _is_torch_cuda(x: Any) -> bool:
+    return _module_root(x) == "torch" and bool(getattr(x, "is_cuda", False))
+
+
 def bn_scales_stacked(states: Sequence[Mapping[str, Any]], bn_prefix: str, bn_eps: float = 1e-5,
                       mode: str = "paper") -> Any | None:
     """The BN scales of one layer of many models at once: a float64 ``(n_models, out)`` device
@@ -159,13 +165,13 @@ def bn_scales_stacked(states: Sequence[Mapping[str, Any]], bn_prefix: str, bn_ep
         if key not in states[0]:
             return None
         ref = states[0][key]
-        if _module_root(ref) != "torch" or not getattr(ref, "is_cuda", False) or ref.ndim != 1:
+        if not _is_torch_cuda(ref) or ref.ndim != 1:
             return None
-        kind, shape, dev = type(ref), ref.shape, ref.device
+        kind, dt = type(ref), ref.dtype
         column = []
         for state in states:
             v = state[key] if key in state else None  # noqa: SIM401 (any Mapping)
-            if type(v) is not kind or v.dtype != ref.dtype or v.shape != shape or v.device != dev:
+            if type(v) is not kind or v.dtype != dt:
                 return None
             column.append(v)
         columns.append(column)
@@ -173,11 +179,15 @@ def bn_scales_stacked(states: Sequence[Mapping[str, Any]], bn_prefix: str, bn_ep
     var_dtype, gamma_dtype = lib.dtype_name(columns[0][0]), lib.dtype_name(columns[1][0])
     if gamma_dtype not in FLOAT_DTYPES or not (var_dtype in FLOAT_DTYPES or var_dtype.startswith(("int", "uint"))):
         return None  # the per-model path raises the TypeError naming the key
-    var = float_input(lib, lib.stack(columns[0]), var_key, allow_int=True, to64=True)
+    try:  # shapes or devices that differ: torch.stack refuses them
+        var_stack, gamma_stack = lib.stack(columns[0]), lib.stack(columns[1])
+    except RuntimeError:
+        return None
+    var = float_input(lib, var_stack, var_key, allow_int=True, to64=True)
     if mode == "official":
         var = lib.where_nan(var, 0.0)
     var = lib.clamp_min(var, 0.0)
-    gamma = lib.abs(float_input(lib, lib.stack(columns[1]), gkey, to64=True))
+    gamma = lib.abs(float_input(lib, gamma_stack, gkey, to64=True))
     return gamma / lib.sqrt(var + bn_eps)
 
 
@@ -264,37 +274,46 @@ def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
     layers = find_layers_from_shapes(states[0], layers, include_linear, mode)
     if not layers:
         raise ValueError("no scorable layer: the state_dict has no conv (ndim >= 3) weights")
-    weights, scales = [], []
-    for i, state in enumerate(states):
-        if i > 0:
-            for layer in layers:
-                key = layer.weight_key
-                if key not in state:
-                    raise ValueError(f"states[{i}] has no {key!r} (states[0] has it)")
-                if array_shape(state[key]) != array_shape(states[0][key]):
-                    raise ValueError(f"states[{i}][{key!r}] has shape {array_shape(state[key])} but "
-                                     f"states[0] has {array_shape(states[0][key])}")
+    shapes = {layer.weight_key: array_shape(states[0][layer.weight_key]) for layer in layers}
+    for i, state in enumerate(states[1:], 1):
+        for key, shape in shapes.items():
+            if key not in state:
+                raise ValueError(f"states[{i}] has no {key!r} (states[0] has it)")
+            x = state[key]
+            got = tuple(x.shape) if hasattr(x, "shape") else array_shape(x)
+            if got != shape:
+                raise ValueError(f"states[{i}][{key!r}] has shape {got} but states[0] has {shape}")
     weights, scales = layer_inputs_many(states, layers, bn_eps, mode)
-    energies = channel_spectral_norms_batched_cuda(weights, scales, check_finite=False)
+    energies, descs = _spectral_launch(weights, scales, check_finite=False)
     lib = library(energies[0], "energies")
     per = len(layers)
     # Like the CPU: layers with zero output channels contribute nothing.
     scored = [j for j in range(per) if int(energies[j].shape[0]) > 0]
     if not scored:
         raise ValueError("no scorable layer: every scored layer has zero output channels")
-    energies = [energies[i * per + j] for i in range(len(states)) for j in scored]
+    picked = [i * per + j for i in range(len(states)) for j in scored]
+    energies, descs = [energies[k] for k in picked], [descs[k] for k in picked]
     per = len(scored)
     if mode == "official":
         parts = _top_k_many(lib, energies, kappa, "quantile")
         return [lib.cat(parts[i * per:(i + 1) * per]) for i in range(len(states))]
     counts = [int(_core.top_k_count(kappa, int(e.shape[0]))) for e in energies[:per]]
-    out = lib.empty((len(states), sum(counts)), "float64")
-    views = []
-    for i in range(len(states)):
-        offset = 0
-        for c in counts:
-            views.append(out[i, offset:offset + c])
-            offset += c
-    _core.cuda.top_k_ceil([lib.desc(e) for e in energies], kappa, [lib.desc(v) for v in views],
-                          lib.index, lib.stream())
+    width = sum(counts)
+    out = lib.empty((len(states), width), "float64")
+    # Row i, layer j of `out`: its descriptor by address arithmetic (torch), else a view.
+    if isinstance(lib, TorchArrays):
+        base, targets = out.data_ptr(), []
+        for i in range(len(states)):
+            offset = i * width
+            for c in counts:
+                targets.append((base + 8 * offset, (c,), "<f8", lib.index))
+                offset += c
+    else:
+        targets = []
+        for i in range(len(states)):
+            offset = 0
+            for c in counts:
+                targets.append(lib.desc(out[i, offset:offset + c]))
+                offset += c
+    _core.cuda.top_k_ceil(descs, kappa, targets, lib.index, lib.stream())
     return out

@@ -18,6 +18,8 @@ float64, 1 float32 ulp in float32.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -180,6 +182,109 @@ def test_cpu_arrays_never_take_the_cuda_path():
     got = mn.channel_spectral_norms(t)
     assert isinstance(got, np.ndarray)
     np.testing.assert_allclose(got, ref.channel_spectral_norms(t.detach().numpy()), rtol=1e-9)
+
+
+class _Recorder:
+    """Stands in for _core.cuda: records what the launchers are handed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def channel_spectral_norms(self, weights, scales, results, device, stream):
+        self.calls.append(("spectral", weights, scales, results))
+
+    def top_k_ceil(self, values, kappa, outs, device, stream):
+        self.calls.append(("top_k", values, outs))
+
+
+@pytest.fixture
+def emulated_device(monkeypatch):
+    """CPU torch tensors stand in for device memory (device index -1) and the kernel entry
+    points record their descriptors: the Python launch path runs on any machine."""
+    torch = pytest.importorskip("torch")
+    from mars_native import _cuda_arrays
+
+    class EmulatedTorch(_cuda_arrays.TorchArrays):
+        def __init__(self):
+            super().__init__(torch.device("cpu", 0))
+            self.device, self.index = torch.device("cpu"), -1
+
+        def owns(self, x):
+            return isinstance(x, torch.Tensor)
+
+        def stream(self):
+            return 0
+
+    lib = EmulatedTorch()
+    recorder = _Recorder()
+    core = type("core", (), {"cuda": recorder, "top_k_count": staticmethod(_core.top_k_count)})
+    for module in (_cuda, _cuda_states):
+        monkeypatch.setattr(module, "library", lambda x, name: lib)
+        monkeypatch.setattr(module, "require_backend", lambda: None)
+        monkeypatch.setattr(module, "_core", core)
+    monkeypatch.setattr(_cuda_states, "_is_torch_cuda", lambda x: isinstance(x, torch.Tensor))
+    return torch, lib, recorder
+
+
+def test_fast_launch_path_hands_the_kernels_what_the_validating_path_does(emulated_device, monkeypatch):
+    """The kernels see nothing but descriptors. Tensors the kernels can read as they are skip
+    the validating, converting path (TorchArrays.fast_desc); the descriptors must be the ones
+    that path builds: the same weights and scales, results that are exactly the returned views,
+    top-k targets that are exactly the rows and columns of the returned CBE matrix."""
+    torch, lib, recorder = emulated_device
+    g = torch.Generator().manual_seed(0)
+    readable = [torch.randn(8, 4, 3, 3, generator=g), torch.randn(6, 5, 3, 3, dtype=torch.float64,
+                                                                   generator=g),
+                torch.randn(5, 7, generator=g)]
+    converted = [torch.randn(4, 3, 3, 3, generator=g).half(),
+                 torch.randn(3, 4, 3, 3, generator=g).transpose(0, 1),
+                 torch._neg_view(torch.randn(4, 2, 3, 3, generator=g))]
+    for x in readable:
+        assert lib.fast_desc(x) == lib.desc(x)
+    for x in converted:
+        assert lib.fast_desc(x) is None
+    weights = readable + converted
+    scales = [torch.rand(8, dtype=torch.float64, generator=g), None, torch.rand(5, generator=g),
+              None, torch.rand(4, dtype=torch.float64, generator=g), None]
+    assert lib.fast_desc(scales[2], f64_only=True) is None  # float32 scale: converted
+
+    def launch():
+        recorder.calls.clear()
+        outs, descs = _cuda._spectral_launch(weights, scales, check_finite=False)
+        (_, wd, sd, rd), = recorder.calls
+        assert rd == descs == [lib.desc(o) for o in outs]
+        assert [tuple(o.shape) for o in outs] == [(int(w.shape[0]),) for w in weights]
+        return wd, sd
+
+    fast_wd, fast_sd = launch()
+    for x, d in zip(readable, fast_wd):
+        assert d == lib.desc(x)  # read in place
+    assert fast_sd[0] == lib.desc(scales[0]) and fast_sd[4] == lib.desc(scales[4])
+    monkeypatch.setattr(type(lib), "fast_desc", lambda self, x, f64_only=False: None)
+    slow_wd, slow_sd = launch()
+    assert slow_wd[:3] == fast_wd[:3] and slow_sd[0] == fast_sd[0] and slow_sd[4] == fast_sd[4]
+    assert [d[1:] for d in slow_wd] == [d[1:] for d in fast_wd]
+    assert [None if d is None else d[1:] for d in slow_sd] == [None if d is None else d[1:] for d in fast_sd]
+
+
+def test_cbe_batch_top_k_targets_are_the_rows_of_the_result(emulated_device):
+    torch, lib, recorder = emulated_device
+    from _torch_models import SmallCNN
+
+    states = _random_states(torch, SmallCNN, 3)
+    cbe = _cuda_states.concentrated_backdoor_energy_batch_cuda(states, kappa=0.1)
+    (_, wd, sd, rd), (_, values, targets) = recorder.calls
+    layers = _cuda_states.find_layers_from_shapes(states[0], None, False, "paper")
+    assert wd == [lib.desc(s[layer.weight_key]) for s in states for layer in layers]
+    assert [None if d is None else d[1:3] for d in sd] == [
+        None if layer.bn_prefix is None else ((int(s[layer.weight_key].shape[0]),), "<f8")
+        for s in states for layer in layers]
+    assert values == rd
+    counts = [int(_core.top_k_count(0.1, int(states[0][layer.weight_key].shape[0]))) for layer in layers]
+    expected, offsets = [], list(itertools.accumulate(counts, initial=0))
+    for i in range(len(states)):
+        expected += [lib.desc(cbe[i, a:b]) for a, b in itertools.pairwise(offsets)]
+    assert tuple(cbe.shape) == (3, sum(counts)) and targets == expected
 
 
 def test_stacked_bn_scales_decline_host_arrays():

@@ -287,6 +287,17 @@ def test_cbe_batch_top_k_targets_are_the_rows_of_the_result(emulated_device):
     assert tuple(cbe.shape) == (3, sum(counts)) and targets == expected
 
 
+def test_cupy_split_gives_consecutive_views():
+    """CuPyArrays.split slices one buffer into consecutive views (checked with a NumPy buffer:
+    the method only slices)."""
+    from mars_native._cuda_arrays import CuPyArrays
+
+    buf = np.arange(10.0)
+    parts = CuPyArrays.split(object.__new__(CuPyArrays), buf, [3, 0, 7])
+    assert [p.tolist() for p in parts] == [[0.0, 1.0, 2.0], [], [3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]]
+    assert all(np.shares_memory(p, buf) for p in parts if p.size)
+
+
 def test_stacked_bn_scales_decline_host_arrays():
     state = {"bn.running_var": np.ones(4, np.float32), "bn.weight": np.ones(4, np.float32)}
     assert _cuda_states.bn_scales_stacked([state, state], "bn") is None

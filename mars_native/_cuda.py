@@ -177,13 +177,7 @@ def _spectral_launch(weights: Sequence[Any], scales: Sequence[Any] | None,
     # One allocation for all results; each result is a view of it.
     buf = lib.empty((sum(sizes),), "float64")
     outs = lib.split(buf, sizes)
-    if isinstance(lib, TorchArrays):
-        base, rd, offset = buf.data_ptr(), [], 0
-        for n_out in sizes:
-            rd.append((base + 8 * offset, (n_out,), "<f8", lib.index))
-            offset += n_out
-    else:
-        rd = [lib.desc(o) for o in outs]
+    rd = lib.segment_descs(buf, sizes)
     _core.cuda.channel_spectral_norms(wd, sd, rd, lib.index, lib.stream())
     del keep  # (the launches are enqueued; stream order protects the memory from now on)
     return outs, rd

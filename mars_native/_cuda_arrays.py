@@ -93,7 +93,7 @@ class TorchArrays:
         self.torch = torch
         self.device = device  # torch.device("cuda", i)
         self.index = int(device.index if device.index is not None else torch.cuda.current_device())
-        self._readable = {torch.float32: "<f4", torch.float64: "<f8"}
+        self._readable = {getattr(torch, name): _TYPESTR[name] for name in ("float32", "float64")}
 
     def owns(self, x: Any) -> bool:
         return _module_root(x) == "torch" and bool(getattr(x, "is_cuda", False))
@@ -134,6 +134,15 @@ class TorchArrays:
 
     def split(self, x: Any, sizes: list[int]) -> list[Any]:
         return list(self.torch.split(x, sizes))
+
+    def segment_descs(self, buf: Any, sizes: list[int]) -> list[tuple]:
+        """Descriptors of the consecutive 1-D segments of ``sizes`` elements of the C-contiguous
+        float64 ``buf`` (what ``desc`` gives for those views), by address arithmetic."""
+        base, descs, offset = buf.data_ptr(), [], 0
+        for n in sizes:
+            descs.append((base + 8 * offset, (n,), "<f8", self.index))
+            offset += n
+        return descs
 
     def fast_desc(self, x: Any, f64_only: bool = False) -> tuple | None:
         """``desc(x)`` when the kernels can read ``x`` as it is: a plain torch tensor on this
@@ -231,6 +240,9 @@ class CuPyArrays:
     def split(self, x: Any, sizes: list[int]) -> list[Any]:
         offsets = itertools.accumulate(sizes, initial=0)
         return [x[a:b] for a, b in itertools.pairwise(offsets)]
+
+    def segment_descs(self, buf: Any, sizes: list[int]) -> list[tuple]:
+        return [self.desc(v) for v in self.split(buf.reshape(-1), sizes)]
 
     def stream(self) -> int:
         with self.device:

@@ -21,7 +21,6 @@ from mars_native._cuda import (
 )
 from mars_native._cuda_arrays import (
     FLOAT_DTYPES,
-    TorchArrays,
     _module_root,
     array_shape,
     check_kappa,
@@ -134,14 +133,21 @@ def bn_scale_cuda(state: Mapping[str, Any], bn_prefix: str, bn_eps: float = 1e-5
     """Device twin of :func:`mars_native.energy.bn_scale`: ``|gamma| / sqrt(max(var, 0) + eps)``,
     float64, same IEEE operations as NumPy (bit-identical)."""
     prefix = f"{bn_prefix}." if bn_prefix else ""
-    var_key = prefix + "running_var"
+    var_key, gkey = prefix + "running_var", prefix + "weight"
     lib = library(state[var_key], var_key)
-    var = float_input(lib, state[var_key], var_key, allow_int=True, to64=True)
+    gamma = state[gkey] if gkey in state else None  # noqa: SIM401 (any Mapping)
+    return _bn_scale_of(lib, state[var_key], gamma, var_key, gkey, bn_eps, mode)
+
+
+def _bn_scale_of(lib: Any, var: Any, gamma: Any, var_key: str, gkey: str, bn_eps: float,
+                 mode: str) -> Any:
+    """``|gamma| / sqrt(max(var, 0) + eps)`` in float64 on the device, elementwise for arrays of
+    any one shape (one model's BN vectors, or those of many models stacked); gamma None: 1."""
+    var = float_input(lib, var, var_key, allow_int=True, to64=True)
     if mode == "official":
         var = lib.where_nan(var, 0.0)
     var = lib.clamp_min(var, 0.0)
-    gkey = prefix + "weight"
-    gamma = (lib.abs(float_input(lib, state[gkey], gkey, to64=True)) if gkey in state
+    gamma = (lib.abs(float_input(lib, gamma, gkey, to64=True)) if gamma is not None
              else lib.ones(int(var.shape[0])))
     return gamma / lib.sqrt(var + bn_eps)
 
@@ -183,29 +189,15 @@ def bn_scales_stacked(states: Sequence[Mapping[str, Any]], bn_prefix: str, bn_ep
         var_stack, gamma_stack = lib.stack(columns[0]), lib.stack(columns[1])
     except RuntimeError:
         return None
-    var = float_input(lib, var_stack, var_key, allow_int=True, to64=True)
-    if mode == "official":
-        var = lib.where_nan(var, 0.0)
-    var = lib.clamp_min(var, 0.0)
-    gamma = lib.abs(float_input(lib, gamma_stack, gkey, to64=True))
-    return gamma / lib.sqrt(var + bn_eps)
-
-
-def layer_inputs(state: Mapping[str, Any], layers: Sequence[Any], bn_eps: float,
-                 mode: str) -> tuple[list[Any], list[Any]]:
-    """The weights of ``layers`` in ``state`` and their BN scales on the device (None: no BN)."""
-    weights, scales = [], []
-    for layer in layers:
-        weights.append(state[layer.weight_key])
-        scales.append(None if layer.bn_prefix is None else bn_scale_cuda(state, layer.bn_prefix, bn_eps, mode))
-    return weights, scales
+    return _bn_scale_of(lib, var_stack, gamma_stack, var_key, gkey, bn_eps, mode)
 
 
 def layer_inputs_many(states: Sequence[Mapping[str, Any]], layers: Sequence[Any], bn_eps: float,
                       mode: str) -> tuple[list[Any], list[Any]]:
-    """:func:`layer_inputs` of every model, concatenated model after model (``len(states) *
-    len(layers)`` weights and scales); the BN scales of a layer are computed for all models at
-    once (:func:`bn_scales_stacked`) when their vectors allow it, else model by model."""
+    """The weights of ``layers`` in every model and their BN scales on the device (None: no BN),
+    concatenated model after model (``len(states) * len(layers)`` each); the BN scales of a layer
+    are computed for all models at once (:func:`bn_scales_stacked`) when their vectors allow it,
+    else model by model (:func:`bn_scale_cuda`)."""
     per = len(layers)
     weights = [state[layer.weight_key] for state in states for layer in layers]
     scales: list[Any] = [None] * (len(states) * per)
@@ -240,7 +232,7 @@ def backdoor_energy_cuda(state: Mapping[str, Any], layers: Sequence[Any] | None 
     result (found from the shapes when None; nothing is read back from the device)."""
     require_backend()
     layers = find_layers_from_shapes(state, layers, include_linear, mode)
-    weights, scales = layer_inputs(state, layers, bn_eps, mode)
+    weights, scales = layer_inputs_many([state], layers, bn_eps, mode)
     energies = channel_spectral_norms_batched_cuda(weights, scales, check_finite=False)
     return {layer.name: e for layer, e in zip(layers, energies)}
 
@@ -279,8 +271,7 @@ def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
         for key, shape in shapes.items():
             if key not in state:
                 raise ValueError(f"states[{i}] has no {key!r} (states[0] has it)")
-            x = state[key]
-            got = tuple(x.shape) if hasattr(x, "shape") else array_shape(x)
+            got = array_shape(state[key])
             if got != shape:
                 raise ValueError(f"states[{i}][{key!r}] has shape {got} but states[0] has {shape}")
     weights, scales = layer_inputs_many(states, layers, bn_eps, mode)
@@ -298,22 +289,8 @@ def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
         parts = _top_k_many(lib, energies, kappa, "quantile")
         return [lib.cat(parts[i * per:(i + 1) * per]) for i in range(len(states))]
     counts = [int(_core.top_k_count(kappa, int(e.shape[0]))) for e in energies[:per]]
-    width = sum(counts)
-    out = lib.empty((len(states), width), "float64")
-    # Row i, layer j of `out`: its descriptor by address arithmetic (torch), else a view.
-    if isinstance(lib, TorchArrays):
-        base, targets = out.data_ptr(), []
-        for i in range(len(states)):
-            offset = i * width
-            for c in counts:
-                targets.append((base + 8 * offset, (c,), "<f8", lib.index))
-                offset += c
-    else:
-        targets = []
-        for i in range(len(states)):
-            offset = 0
-            for c in counts:
-                targets.append(lib.desc(out[i, offset:offset + c]))
-                offset += c
+    out = lib.empty((len(states), sum(counts)), "float64")
+    # Row i, layer j of `out` is the (i * len(counts) + j)-th consecutive segment of its memory.
+    targets = lib.segment_descs(out, counts * len(states))
     _core.cuda.top_k_ceil(descs, kappa, targets, lib.index, lib.stream())
     return out

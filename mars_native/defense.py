@@ -329,9 +329,12 @@ class MARS:
         if reason is not None:
             return [], reason
         if not layers:
-            what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
-            return [], f"no_scorable_layer: the model has no {what}"
+            return [], self._no_layer_reason()
         return layers, None
+
+    def _no_layer_reason(self) -> str:
+        what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
+        return f"no_scorable_layer: the model has no {what}"
 
     def _host_cbe(
         self, state: Any, layers: Sequence[Layer], energies: Mapping[str, np.ndarray]
@@ -408,8 +411,7 @@ class MARS:
             try:
                 layers = self.layers_for(state, reference)
                 if not layers:
-                    what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
-                    results[i] = (None, f"no_scorable_layer: the model has no {what}")
+                    results[i] = (None, self._no_layer_reason())
                     continue
                 lib = _cuda.library(state[layers[0].weight_key], layers[0].weight_key)
             except (TypeError, ValueError) as exc:

@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stacked-budget-s", type=float, default=40.0,
                     help="run the stacked PyTorch baseline only if the per-layer one took less")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--profile", help="also write a cProfile summary (by cumulative time) of 5 "
+                                      "end-to-end CBE calls to this text file")
     args = ap.parse_args(argv)
 
     from mars_native import _core, _cuda, _cuda_arrays, _cuda_states
@@ -253,6 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     mars_gpu_ms, mars_host_ms, mars_covered = gpu_time(torch, mars_end_to_end, args.repeat)
     results.update(mars_ms=mars_ms, mars_gpu_ms=mars_gpu_ms, mars_host_ms=mars_host_ms)
     save()
+    if args.profile:  # where the host time of the end-to-end call goes
+        import cProfile
+        import io
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            mars_end_to_end()
+        torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        with open(args.profile, "w") as f:
+            f.write(text.getvalue())
     progress(f"mars {mars_ms:.3f} ms (GPU {mars_gpu_ms:.3f} ms, host {mars_host_ms:.3f} ms); "
              "measuring the kernels alone")
 

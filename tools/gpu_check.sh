@@ -44,7 +44,8 @@ $PY -c "import mars_native as mn; print(mn.build_info())" 2>&1 | tee -a "$OUT/in
 [ "${GPU_CHECK_TESTS:-1}" = 1 ] && step tests 150 $PY -m pytest -q -x -p no:cacheprovider -rs python_tests/test_cuda.py \
   python_tests/test_defense.py
 step bench "${BENCH_LIMIT:-200}" $PY benchmarks/bench_cuda.py --clients "$CLIENTS" --repeat 10 \
-  --torch-repeat "${TORCH_REPEAT:-1}" --torch-clients "${TORCH_CLIENTS:-10}" --json "$OUT/bench_cuda.json"
+  --torch-repeat "${TORCH_REPEAT:-1}" --torch-clients "${TORCH_CLIENTS:-10}" --json "$OUT/bench_cuda.json" \
+  --profile "$OUT/profile.txt"
 if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then
   step ncu 80 ncu --clock-control none --print-summary per-kernel \
     $PY benchmarks/bench_cuda.py --clients 10 --repeat 1 --skip-torch

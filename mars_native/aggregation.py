@@ -51,7 +51,7 @@ from mars_native._native import _threads
 from mars_native.validation import Template, check_state, on_device, state_template
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mars_native.defense import MARS, Detection, ScoredSums
+    from mars_native.defense import MARS, Detection
 
 __all__ = ["Round", "aggregate_detected", "weighted_mean"]
 
@@ -294,8 +294,6 @@ def aggregate_detected(
     weights: ArrayLike | None = None,
     global_state: Mapping[str, Any] | None = None,
     server_lr: float = 1.0,
-    *,
-    fused: bool = True,
 ) -> tuple[dict | None, Detection]:
     """Detect with ``mars``, then aggregate the accepted clients (``MARS.aggregate``).
 
@@ -306,16 +304,6 @@ def aggregate_detected(
         global_state: the server's model: the template every client must match, and the base of
             ``global + server_lr * (mean - global)``.
         server_lr: the server learning rate (used with ``global_state`` only).
-        fused: sum the scored weights (the conv kernels: nearly all of a CNN's parameters) of
-            every valid client in the detection pass itself, while they are in cache, and
-            subtract the clients that clustering rejects afterwards (one pass over the round's
-            memory instead of two; host models). The result is within one float32 ulp of
-            ``fused=False`` (the accepted clients summed in order, as :func:`weighted_mean`) and
-            bit-identical to it when no scored client is rejected. A tensor where the subtraction
-            could lose precision (a rejected client's values over ``CANCELLATION_RATIO`` times
-            the accepted clients', or not finite) is summed from the accepted clients instead;
-            the other tensors (BatchNorm, biases, the classifier) are always summed that way.
-            Costs one fp64 copy of the scored weights (2x their float32 size) during the call.
 
     Returns:
         ``(new_state, report)``; see the module docstring for the rules (``new_state`` is a copy
@@ -329,10 +317,7 @@ def aggregate_detected(
     w = check_weights(weights, len(states))
     lr = _check_server_lr(server_lr)
     _check_global(global_state)
-    if fused:
-        report, sums = mars._detect(states, global_state, sum_weights=w)
-    else:
-        report, sums = mars.detect(states, global_state), None
+    report = mars.detect(states, global_state)
     contributing = [i for i in np.flatnonzero(report.accepted) if w[i] > 0]
     if not contributing:
         return _nothing_to_aggregate(report, global_state, w[report.accepted]), report
@@ -347,53 +332,17 @@ def aggregate_detected(
     model = global_state if global_state is not None else states[first_valid]
     out = _state_factory(model)()
     cw = w[contributing]
-    resummed = 0
     for spec in _specs(model):
-        value = None
         if spec.is_float:
             base = None if global_state is None else _native(global_state[spec.key], spec.key)
-            if sums is not None and spec.key in sums.sums:
-                value = _fused_mean(sums, spec, contributing, w, base, lr, mars.n_threads)
-                resummed += value is None
-            if value is None:
-                value = weighted_mean([states[i][spec.key] for i in contributing], cw, spec.out_dtype,
-                                      base=base, server_lr=lr, n_threads=mars.n_threads)
+            value = weighted_mean([states[i][spec.key] for i in contributing], cw, spec.out_dtype,
+                                  base=base, server_lr=lr, n_threads=mars.n_threads)
         elif global_state is not None:
             value = np.array(to_numpy(global_state[spec.key], name=spec.key), copy=True)
         else:
             value = _elementwise_max([to_numpy(states[i][spec.key], name=spec.key) for i in contributing])
         out[spec.key] = spec.restore(value)
-    if resummed:
-        _note(report, f"{resummed} scored tensor(s) of rejected clients exceeded {CANCELLATION_RATIO:g}x "
-                      "the accepted clients' magnitude (or were not finite): summed from the "
-                      "accepted clients instead of subtracted from the fused sum")
     return out, report
-
-
-def _fused_mean(sums: ScoredSums, spec: _Spec, contributing: Sequence[int], w: np.ndarray,
-                base: np.ndarray | None, lr: float, n_threads: int | None) -> np.ndarray | None:
-    """The mean of ``spec``'s tensor over the contributing clients from the fused sum of
-    ``sums`` minus the clients in it that were not accepted; None when that subtraction could
-    lose precision (the caller then sums the accepted clients)."""
-    keep = set(contributing)
-    removed = [i for i in sums.clients if i not in keep]
-    if not keep <= set(sums.clients):  # not expected: an accepted client outside the sum
-        return None
-    max_abs = sums.max_abs[spec.key]
-    if removed:
-        kept = max(w[i] * max_abs[i] for i in contributing)
-        gone = max(w[i] * max_abs[i] for i in removed)
-        if not gone <= CANCELLATION_RATIO * kept:  # (False for NaN)
-            return None
-    total = _sum_in_order(w[i] for i in contributing)
-    buffers = [np.ascontiguousarray(sums.inputs[spec.key][i]) for i in removed]
-    try:
-        value = _core.aggregate_onto(sums.sums[spec.key], total, buffers,
-                                     np.array([-w[i] for i in removed], dtype=np.float64),
-                                     spec.out_dtype, _threads(n_threads), base, lr)
-    except (TypeError, ValueError):  # e.g. a base of another dtype: the two-pass sum handles it
-        return None
-    return value.reshape(spec.shape)
 
 
 # ---------------------------------------------------------------------------------- streaming

@@ -29,7 +29,6 @@ from mars_native.energy import (
     backdoor_energy,
     concentrate,
     layer_inputs,
-    score_and_sum_inputs,
     score_inputs,
 )
 from mars_native.layers import Layer, find_layers
@@ -166,24 +165,6 @@ def _resample_quantiles(values: np.ndarray, length: int) -> np.ndarray:
     grid = (np.arange(length) + 0.5) / length
     idx = np.minimum((grid * srt.size).astype(np.int64), srt.size - 1)
     return srt[idx]
-
-
-@dataclass
-class ScoredSums:
-    """The weighted sums of the scored weights that a fused detect pass built (internal: the batch
-    round of :func:`mars_native.aggregation.aggregate_detected`).
-
-    Attributes:
-        clients: indices (in the round) of the clients in the sums: those scored with weight > 0.
-        sums: weight key -> float64 ``sum_{i in clients} w_i * weight_i`` (the kernel's shape).
-        max_abs: weight key -> ``{client index: max |weight_i|}`` (NaN when it holds a NaN).
-        inputs: weight key -> ``{client index: the array the kernel read}`` (to subtract a client).
-    """
-
-    clients: list[int]
-    sums: dict[str, np.ndarray]
-    max_abs: dict[str, dict[int, float]]
-    inputs: dict[str, dict[int, np.ndarray]]
 
 
 class MARS:
@@ -375,16 +356,10 @@ class MARS:
         template: Template | None,
         reference: Mapping[str, Any] | None,
         layouts: Sequence[Template | None] | None = None,
-        sum_weights: np.ndarray | None = None,
-    ) -> tuple[list[tuple[np.ndarray | None, str | None]], ScoredSums | None]:
+    ) -> list[tuple[np.ndarray | None, str | None]]:
         """``client_cbe`` of many host clients, with every scored layer of every valid client in
         one native call (the threads share the round's work); the same values, bit for bit.
-        ``layouts``: the states' ``state_template`` (None entries: not known).
-
-        ``sum_weights`` (one per state): also sum the scored weights of the scored clients
-        (weight > 0) in the same pass (:func:`~mars_native.energy.score_and_sum_inputs`), when
-        they all share their scored layers; the sums come back as a :class:`ScoredSums` (client
-        indices into ``states``), else None."""
+        ``layouts``: the states' ``state_template`` (None entries: not known)."""
         results: list[tuple[np.ndarray | None, str | None]] = []
         scored: list[tuple[int, list[Layer]]] = []
         inputs = []
@@ -400,43 +375,16 @@ class MARS:
                     scored.append((i, layers))
             results.append((None, reason))
         if not scored:
-            return results, None
-        sums = None
+            return results
         try:
-            energies, sums = self._score(inputs, scored, sum_weights)
+            energies = score_inputs(inputs, [layers for _, layers in scored], self.n_threads)
         except (TypeError, ValueError):  # not expected after layer_inputs; let each client say why
             for i, _ in scored:
                 results[i] = self.client_cbe(states[i], template, reference)
-            return results, None
+            return results
         for (i, layers), be in zip(scored, energies):
             results[i] = self._host_cbe(states[i], layers, be)
-        return results, sums
-
-    def _score(
-        self,
-        inputs: list[tuple[list[np.ndarray], list[np.ndarray | None]]],
-        scored: list[tuple[int, list[Layer]]],
-        sum_weights: np.ndarray | None,
-    ) -> tuple[list[dict[str, np.ndarray]], ScoredSums | None]:
-        """The BEs of the scored clients, and their fused sums when asked for and possible."""
-        layers = scored[0][1]
-        keys = [layer.weight_key for layer in layers]
-        shared = sum_weights is not None and all(
-            [la.weight_key for la in found] == keys
-            and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(inp[0], inputs[0][0]))
-            for (_, found), inp in zip(scored, inputs))
-        if not shared:
-            return score_inputs(inputs, [found for _, found in scored], self.n_threads), None
-        assert sum_weights is not None
-        cw = np.array([sum_weights[i] for i, _ in scored], dtype=np.float64)
-        energies, sums, max_abs = score_and_sum_inputs(inputs, layers, cw, self.n_threads)
-        clients = [i for i, _ in scored]
-        return energies, ScoredSums(
-            clients=[i for i, w in zip(clients, cw) if w > 0],
-            sums=sums,
-            max_abs={k: {i: float(m) for i, m in zip(clients, max_abs[k])} for k in keys},
-            inputs={k: {i: inp[0][j] for i, inp in zip(clients, inputs)} for j, k in enumerate(keys)},
-        )
+        return results
 
     def _client_cbe_cuda(
         self, state: Any, template: Template | None, reference: Mapping[str, Any] | None
@@ -525,16 +473,6 @@ class MARS:
         Raises:
             ValueError: ``states`` is empty. TypeError: ``states`` is a single mapping.
         """
-        return self._detect(states, global_state)[0]
-
-    def _detect(
-        self,
-        states: Iterable[Any],
-        global_state: Mapping[str, Any] | None = None,
-        sum_weights: np.ndarray | None = None,
-    ) -> tuple[Detection, ScoredSums | None]:
-        """:meth:`detect`; with ``sum_weights`` (one per state) also the fused sums of the host
-        clients' scored weights (see :meth:`_host_cbes`; client indices are the round's)."""
         t0 = time.perf_counter()
         if is_single_state(states):
             raise TypeError("detect() takes a list of state_dicts, got a single state_dict")
@@ -548,13 +486,8 @@ class MARS:
                     else majority_template(states, layouts))
         host = [i for i, state in enumerate(states) if not on_device(state)]
         results: list[tuple[np.ndarray | None, str | None]] = [(None, None)] * len(states)
-        host_results, sums = self._host_cbes(
-            [states[i] for i in host], template, global_state, [layouts[i] for i in host],
-            None if sum_weights is None else np.asarray(sum_weights, dtype=np.float64)[host])
-        if sums is not None:  # client indices: host positions -> the round's
-            sums.clients = [host[i] for i in sums.clients]
-            sums.max_abs = {k: {host[i]: m for i, m in v.items()} for k, v in sums.max_abs.items()}
-            sums.inputs = {k: {host[i]: a for i, a in v.items()} for k, v in sums.inputs.items()}
+        host_results = self._host_cbes([states[i] for i in host], template, global_state,
+                                       [layouts[i] for i in host])
         for i, res in zip(host, host_results):
             results[i] = res
         device = sorted(set(range(len(states))) - set(host))
@@ -569,7 +502,7 @@ class MARS:
             report.layers = [layer.name for layer in
                              self.layers_for(states[first_valid], global_state, layouts[first_valid])]
         report.detect_seconds = time.perf_counter() - t0
-        return report, sums
+        return report
 
     def decide(self, cbes: Sequence[np.ndarray | None], reasons: Sequence[str | None]) -> Detection:
         """Cluster the valid CBEs and build the report.
@@ -659,22 +592,17 @@ class MARS:
         weights: Sequence[float] | np.ndarray | None = None,
         global_state: Mapping[str, Any] | None = None,
         server_lr: float = 1.0,
-        *,
-        fused: bool = True,
     ) -> tuple[Any, Detection]:
         """Detect, then aggregate the accepted clients.
 
         Returns ``(new_state, report)``: the (``weights``-weighted) mean of the accepted models,
         or ``global + server_lr * weighted_mean(accepted - global)`` when ``global_state`` is
-        given. The output keeps the keys, order, dtypes and container type of the input.
-        ``fused=True`` sums the scored weights in the detection pass and subtracts the rejected
-        clients (one pass over the round instead of two; within one float32 ulp of
-        ``fused=False``, the exact sum of the accepted clients). See
+        given. The output keeps the keys, order, dtypes and container type of the input. See
         :func:`mars_native.aggregation.aggregate_detected` for the details.
         """
         from mars_native.aggregation import aggregate_detected
 
-        return aggregate_detected(self, states, weights, global_state, server_lr, fused=fused)
+        return aggregate_detected(self, states, weights, global_state, server_lr)
 
     def round(self, global_state: Mapping[str, Any] | None = None, server_lr: float = 1.0) -> Any:
         """A streaming round: ``rnd.add(state, weight)`` per client, then ``rnd.finish()``.

@@ -186,45 +186,6 @@ def score_inputs(
     return [{layer.name: next(values) for layer in found} for found in layers]
 
 
-def score_and_sum_inputs(
-    inputs: Sequence[tuple[list[np.ndarray], list[np.ndarray | None]]],
-    layers: Sequence[Layer],
-    client_weights: np.ndarray,
-    n_threads: int | None,
-) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """:func:`score_inputs` of N models that share their scored ``layers``, and in the same pass
-    over memory each scored weight's fp64 weighted sum over the models (the fused round of
-    :func:`mars_native.aggregation.aggregate_detected`).
-
-    Args:
-        inputs: per model, its :func:`layer_inputs` for ``layers`` (same dtypes and shapes in
-            every model).
-        layers: the scored layers, the same for every model.
-        client_weights: ``(N,)`` finite weights; a zero weight leaves the model out of the sums.
-
-    Returns:
-        ``(energies, sums, max_abs)``: per model, layer name -> BE values (bit-identical to
-        :func:`score_inputs`); weight key -> float64 ``sum_i w_i * weight_i`` (the shape of the
-        kernel's input: a Linear's ``(out, in, 1)``), summed in model order exactly as
-        :func:`mars_native.aggregation.weighted_mean` accumulates; weight key -> ``(N,)`` max
-        ``|weight_i|`` (NaN when it holds a NaN).
-
-    Raises:
-        ValueError: a key's dtype or shape differs between models.
-    """
-    weights: list[np.ndarray] = []
-    scales: list[np.ndarray | None] = []
-    for w, sc in inputs:
-        weights += w
-        scales += sc
-    w = np.ascontiguousarray(client_weights, dtype=np.float64)
-    results, sums, max_abs = _core.channel_spectral_norms_and_sum(weights, scales, w, _threads(n_threads))
-    values = iter(results)
-    energies = [{layer.name: next(values) for layer in layers} for _ in inputs]
-    keys = [layer.weight_key for layer in layers]
-    return energies, dict(zip(keys, sums)), {k: max_abs[j] for j, k in enumerate(keys)}
-
-
 def backdoor_energies(
     states: Sequence[Mapping[str, Any]],
     *,

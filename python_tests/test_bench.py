@@ -210,7 +210,7 @@ def test_runner_writes_table_json_markdown_and_plot(tmp_path, capsys):
             assert c["check"]["authors_vs_official_max_rel_diff"] < 1e-5
             assert {"mars_native", "per_model", "numpy", "torch_batched", "authors", "floor"} == set(c["impls"])
         if c["group"] == "round":
-            assert set(c["peak_memory_bytes"]) == {"batch", "batch_fused", "streaming"}
+            assert set(c["peak_memory_bytes"]) == {"batch", "streaming"}
     assert results["machine"]["cpus_available"] >= 1
     assert results["threads"] == 1
     md = (tmp_path / "results.md").read_text()
@@ -243,14 +243,13 @@ def test_targets_and_scaling_from_synthetic_results():
         case("cbe", 10, 0.05, floor=0.03, authors=5.0, torch_batched=0.25),
         case("cluster", 1000, 0.02, authors=3.0),
         case("aggregate", 20, 0.1, floor=0.08),
-        case("round", 20, 0.5, floor=0.1, streaming=0.6, batch_fused=0.25),
+        case("round", 20, 0.5, floor=0.1, streaming=0.6),
     ]}
     got = {t["target"]: t["met"] for t in report.targets(results)}
     assert got["CBE, 20 ResNet-18 clients: time / stream-read floor"] is True
     assert got["CBE, 20 ResNet-18 clients: speed-up vs batched torch"] is False
     assert got["Clustering 1,000 CBEs: KWMeans time"] is True
     assert got["Round, 20 ResNet-18 clients (batch): time / read-states-once"] is False
-    assert got["Round, 20 ResNet-18 clients (batch, fused): time / read-states-once"] is True
     assert any("N^1.00" in line for line in report.scaling(results))
 
 

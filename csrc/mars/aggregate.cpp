@@ -198,98 +198,42 @@ void aggregate_onto(const double* init, double total_weight, const T* const* buf
                  server_lr);
 }
 
-
-namespace {
-
-// add4 that also tracks max |x| of each of the four clients (NaN is not tracked: a max_pd with the
-// running maximum second ignores a NaN lane).
 template <typename T>
-inline void add4_max(double* acc, std::int64_t len, const T* const* x, const double* w,
-                     std::int64_t b, double* max_abs) {
-  const T* x0 = x[0] + b;
-  const T* x1 = x[1] + b;
-  const T* x2 = x[2] + b;
-  const T* x3 = x[3] + b;
+double add_scaled(double* acc, const T* x, std::int64_t n, double weight) {
   std::int64_t j = 0;
-  double m[4] = {0.0, 0.0, 0.0, 0.0};
+  double max_abs = 0.0;
+  bool nan = false;
 #if defined(MARS_SIMD4_AVX2)
-  const __m256d w0 = _mm256_set1_pd(w[0]), w1 = _mm256_set1_pd(w[1]);
-  const __m256d w2 = _mm256_set1_pd(w[2]), w3 = _mm256_set1_pd(w[3]);
+  const __m256d w = _mm256_set1_pd(weight);
   const __m256d sign = _mm256_set1_pd(-0.0);
-  __m256d m0 = _mm256_setzero_pd(), m1 = m0, m2 = m0, m3 = m0;
-  for (; j + 4 <= len; j += 4) {
-    const __m256d v0 = load4(x0 + j), v1 = load4(x1 + j), v2 = load4(x2 + j), v3 = load4(x3 + j);
-    __m256d a = _mm256_loadu_pd(acc + j);
-    a = _mm256_fmadd_pd(w0, v0, a);
-    a = _mm256_fmadd_pd(w1, v1, a);
-    a = _mm256_fmadd_pd(w2, v2, a);
-    a = _mm256_fmadd_pd(w3, v3, a);
-    _mm256_storeu_pd(acc + j, a);
-    m0 = _mm256_max_pd(_mm256_andnot_pd(sign, v0), m0);
-    m1 = _mm256_max_pd(_mm256_andnot_pd(sign, v1), m1);
-    m2 = _mm256_max_pd(_mm256_andnot_pd(sign, v2), m2);
-    m3 = _mm256_max_pd(_mm256_andnot_pd(sign, v3), m3);
+  __m256d mx = _mm256_setzero_pd(), bad = _mm256_setzero_pd();
+  if (weight != 0.0) {
+    for (; j + 4 <= n; j += 4) {
+      const __m256d v = load4(x + j);
+      _mm256_storeu_pd(acc + j, _mm256_fmadd_pd(w, v, _mm256_loadu_pd(acc + j)));
+      mx = _mm256_max_pd(mx, _mm256_andnot_pd(sign, v));
+      bad = _mm256_or_pd(bad, _mm256_cmp_pd(v, v, _CMP_UNORD_Q));
+    }
+  } else {
+    for (; j + 4 <= n; j += 4) {
+      const __m256d v = load4(x + j);
+      mx = _mm256_max_pd(mx, _mm256_andnot_pd(sign, v));
+      bad = _mm256_or_pd(bad, _mm256_cmp_pd(v, v, _CMP_UNORD_Q));
+    }
   }
-  const __m256d mv[4] = {m0, m1, m2, m3};
-  for (int c = 0; c < 4; ++c) {
-    double l4[4];
-    _mm256_storeu_pd(l4, mv[c]);
-    m[c] = std::max(std::max(l4[0], l4[1]), std::max(l4[2], l4[3]));
-  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, mx);
+  for (double l : lanes) max_abs = l > max_abs ? l : max_abs;
+  nan = _mm256_movemask_pd(bad) != 0;
 #endif
-  const T* xs[4] = {x0, x1, x2, x3};
-  for (; j < len; ++j) {
-    double a = acc[j];
-    for (int c = 0; c < 4; ++c) {
-      const double v = static_cast<double>(xs[c][j]);
-      a = madd(a, w[c], v);
-      const double av = std::fabs(v);
-      m[c] = av > m[c] ? av : m[c];
-    }
-    acc[j] = a;
+  for (; j < n; ++j) {
+    const double v = static_cast<double>(x[j]);
+    if (weight != 0.0) acc[j] = madd(acc[j], weight, v);
+    const double a = std::fabs(v);
+    nan = nan || a != a;
+    max_abs = a > max_abs ? a : max_abs;
   }
-  for (int c = 0; c < 4; ++c) max_abs[c] = std::max(max_abs[c], m[c]);
-}
-
-}  // namespace
-
-template <typename T>
-void sum_clients(const T* const* xs, const double* weights, std::int64_t n_clients,
-                 std::int64_t n, double* sum, double* max_abs) {
-  std::vector<const T*> x;
-  std::vector<double> w;
-  std::vector<std::int64_t> who;
-  for (std::int64_t i = 0; i < n_clients; ++i) {
-    if (weights[i] != 0.0) {
-      x.push_back(xs[i]);
-      w.push_back(weights[i]);
-      who.push_back(i);
-    }
-  }
-  const std::int64_t m = static_cast<std::int64_t>(x.size());
-  std::vector<double> mx(static_cast<std::size_t>(m) + 4, 0.0);
-  double acc[kBlock];
-  for (std::int64_t b = 0; b < n; b += kBlock) {
-    const std::int64_t len = std::min(kBlock, n - b);
-    std::fill(acc, acc + len, 0.0);
-    std::int64_t i = 0;
-    for (; i + 4 <= m; i += 4) add4_max(acc, len, x.data() + i, w.data() + i, b, mx.data() + i);
-    for (; i < m; ++i) {
-      const T* xi = x[static_cast<std::size_t>(i)] + b;
-      const double wi = w[static_cast<std::size_t>(i)];
-      double mi = mx[static_cast<std::size_t>(i)];
-      for (std::int64_t j = 0; j < len; ++j) {
-        const double v = static_cast<double>(xi[j]);
-        acc[j] = madd(acc[j], wi, v);
-        const double av = std::fabs(v);
-        mi = av > mi ? av : mi;
-      }
-      mx[static_cast<std::size_t>(i)] = mi;
-    }
-    std::copy(acc, acc + len, sum + b);
-  }
-  for (std::int64_t i = 0; i < n_clients; ++i) max_abs[i] = 0.0;
-  for (std::int64_t i = 0; i < m; ++i) max_abs[who[static_cast<std::size_t>(i)]] = mx[static_cast<std::size_t>(i)];
+  return nan ? std::numeric_limits<double>::quiet_NaN() : max_abs;
 }
 
 // Checksum of x[begin, end) split over kLanes independent lanes: the sum of the terms
@@ -406,10 +350,8 @@ MARS_AGGREGATE_INSTANTIATE(double, double)
 #undef MARS_AGGREGATE_INSTANTIATE
 
 template BufferStats accumulate<float>(double*, const float*, double, std::int64_t, int);
-template void sum_clients<float>(const float* const*, const double*, std::int64_t, std::int64_t,
-                                 double*, double*);
-template void sum_clients<double>(const double* const*, const double*, std::int64_t, std::int64_t,
-                                  double*, double*);
+template double add_scaled<float>(double*, const float*, std::int64_t, double);
+template double add_scaled<double>(double*, const double*, std::int64_t, double);
 template BufferStats accumulate<double>(double*, const double*, double, std::int64_t, int);
 
 }  // namespace aggregate

@@ -43,15 +43,12 @@ void aggregate_onto(const double* init, double total_weight, const T* const* buf
                     const double* weights, std::int64_t n_buffers, std::int64_t n_elems, O* out,
                     int n_threads, const T* base = nullptr, double server_lr = 1.0);
 
-// sum[j] = sum_i weights[i] * xs[i][j] for j < n on the calling thread, in client order with one
-// rounding per add and zero weights skipped: aggregate()'s accumulator, bit for bit (blocks of
-// kBlock elements stay in L1 while the clients stream through, four clients per sweep as in
-// aggregate()). max_abs[i] = max_j |xs[i][j]| over the non-NaN values (+inf if there is one) for
-// the clients with a nonzero weight, 0 for the others; NaN is not reported here (the spectral
-// norm of a channel holding a NaN is NaN, which is how callers learn of it).
+// acc[j] = fma(weight, x[j], acc[j]) for j < n on the calling thread (acc untouched when weight
+// is 0: as aggregate() skips a zero-weight buffer); returns max |x[j]|, NaN if any x[j] is NaN.
+// The adds round as aggregate()'s do, so summing clients one at a time in order with add_scaled
+// from zero gives aggregate()'s accumulator bit for bit.
 template <typename T>
-void sum_clients(const T* const* xs, const double* weights, std::int64_t n_clients,
-                 std::int64_t n, double* sum, double* max_abs);
+double add_scaled(double* acc, const T* x, std::int64_t n, double weight);
 
 // acc[j] += weight * x[j] for j < n. T: float or double.
 template <typename T>

@@ -533,12 +533,10 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
   });
 }
 
-// The fused score-and-sum pass. A task takes a few channels of one key: it scores them in every
-// client (pulling the clients' slices through the caches), then sums the slices over the
-// clients (mars::aggregate::sum_clients) while they are still in L2/L3 instead of reading them
-// from memory again. Task slices: whole groups of 4 channels (8 when the budget allows, so that
-// the eigen-solves keep their 8-lane form), about kSumTaskBytes of float32 over all clients.
-constexpr std::int64_t kSumTaskBytes = 2 << 20;
+// The fused score-and-sum pass: tasks of a few channels of one key (about kSumTaskElems elements
+// per client, whole groups of 8 channels so that the eigen-solves keep their 8-lane form), small
+// enough that a task's slice of the fp64 sum and the client slice just scored stay in L2.
+constexpr std::int64_t kSumTaskElems = 1 << 15;
 
 template <typename T>
 void spectral_sum_impl(const SummedKey<T>* keys, std::int64_t n_keys, std::int64_t n_clients,
@@ -558,38 +556,35 @@ void spectral_sum_impl(const SummedKey<T>* keys, std::int64_t n_keys, std::int64
       }
       continue;
     }
-    const std::int64_t bytes = per_channel * static_cast<std::int64_t>(sizeof(T)) * n_clients;
-    std::int64_t step = std::max<std::int64_t>(1, kSumTaskBytes / bytes);
-    const std::int64_t unit = step >= 2 * kGroup ? 2 * kGroup : kGroup;
-    step = (step + unit - 1) / unit * unit;
+    std::int64_t step = std::max<std::int64_t>(1, kSumTaskElems / per_channel);
+    step = (step + 2 * kGroup - 1) / (2 * kGroup) * (2 * kGroup);
     for (std::int64_t b = 0; b < L.out; b += step) tasks.push_back({k, b, std::min(L.out, b + step)});
   }
   const int threads = parallel::resolve_threads(n_threads);
   const std::int64_t n_tasks = static_cast<std::int64_t>(tasks.size());
   std::vector<Workspace> ws(static_cast<std::size_t>(threads));
-  std::vector<std::vector<const T*>> slices(static_cast<std::size_t>(threads));
   std::vector<double> task_max(static_cast<std::size_t>(n_tasks * n_clients), 0.0);
   parallel::parallel_tasks(n_tasks, threads, [&](int thread, std::int64_t t) {
     const Task& task = tasks[static_cast<std::size_t>(t)];
     const SummedKey<T>& key = keys[task.key];
     const std::int64_t per_channel = key.views[0].rows * key.views[0].cols;
     const std::int64_t offset = task.begin * per_channel;
-    std::vector<const T*>& x = slices[static_cast<std::size_t>(thread)];
-    x.clear();
+    const std::int64_t len = (task.end - task.begin) * per_channel;
+    double* acc = key.sum + offset;
+    std::fill(acc, acc + len, 0.0);
     for (std::int64_t i = 0; i < n_clients; ++i) {
       const LayerView<T>& L = key.views[i];
       channel_range(L.weight, L.rows, L.cols, L.scale, L.result, task.begin, task.end,
                     ws[static_cast<std::size_t>(thread)]);
-      x.push_back(L.weight + offset);
+      task_max[static_cast<std::size_t>(t * n_clients + i)] =
+          aggregate::add_scaled(acc, L.weight + offset, len, client_weights[i]);
     }
-    aggregate::sum_clients(x.data(), client_weights, n_clients,
-                           (task.end - task.begin) * per_channel, key.sum + offset,
-                           task_max.data() + t * n_clients);
   });
-  for (std::int64_t t = 0; t < n_tasks; ++t) {  // max over the tasks of a key
+  for (std::int64_t t = 0; t < n_tasks; ++t) {  // max over the tasks of a key (NaN wins)
     double* out = keys[tasks[static_cast<std::size_t>(t)].key].max_abs;
     for (std::int64_t i = 0; i < n_clients; ++i) {
-      out[i] = std::max(out[i], task_max[static_cast<std::size_t>(t * n_clients + i)]);
+      const double m = task_max[static_cast<std::size_t>(t * n_clients + i)];
+      if (m != m || m > out[i]) out[i] = std::isnan(out[i]) ? out[i] : m;
     }
   }
 }

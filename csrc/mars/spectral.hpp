@@ -55,7 +55,7 @@ template <typename T>
 struct SummedKey {
   const LayerView<T>* views;  // n_clients views of one (out, rows, cols) shape, in client order
   double* sum;                // out * rows * cols: sum_i client_weights[i] * weight_i
-  double* max_abs;            // n_clients: max |weight_i| over its non-NaN values (0: weight 0)
+  double* max_abs;            // n_clients: max |weight_i| (NaN when weight_i holds a NaN)
 };
 
 // channel_spectral_norms of every view of every key (results bit-identical to

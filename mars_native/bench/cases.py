@@ -247,10 +247,7 @@ class Suite:
         all_arrays = [a for s in states for a in s.values()]
 
         def batch() -> Any:
-            return mars.aggregate(states, fused=False)
-
-        def batch_fused() -> Any:
-            return mars.aggregate(states, fused=True)
+            return mars.aggregate(states)
 
         def streaming() -> Any:
             rnd = mars.round()
@@ -258,10 +255,8 @@ class Suite:
                 rnd.add(s, loader=(lambda s=s: s))
             return rnd.finish()
 
-        memory = {"batch": peak_rss_delta(batch), "batch_fused": peak_rss_delta(batch_fused),
-                  "streaming": peak_rss_delta(streaming)}
-        impls = {"batch": batch, "batch_fused": batch_fused, "streaming": streaming,
-                 "floor": lambda: reader.read(all_arrays)}
+        memory = {"batch": peak_rss_delta(batch), "streaming": peak_rss_delta(streaming)}
+        impls = {"batch": batch, "streaming": streaming, "floor": lambda: reader.read(all_arrays)}
         reader.read(all_arrays)
         figures = self._time(impls, warmups={name: _noop for name in impls})
         _, report = batch()

@@ -23,8 +23,7 @@ COLUMNS = {
                 ("numpy", "NumPy twin"), ("authors", "scipy + sklearn (authors)")],
     "aggregate": [("mars_native", "mars_native"), ("numpy", "NumPy fp64 sum"),
                   ("torch_stack_mean", "torch stack().mean()"), ("floor", "floor")],
-    "round": [("batch", "batch"), ("batch_fused", "batch, fused"), ("streaming", "streaming"),
-              ("floor", "read states once")],
+    "round": [("batch", "batch"), ("streaming", "streaming"), ("floor", "read states once")],
 }
 #: (numerator impl, label) ratios shown per group: numerator time / the group's main time.
 RATIOS = {
@@ -32,7 +31,7 @@ RATIOS = {
             ("floor", "native / floor")],
     "cluster": [("numpy", "vs NumPy"), ("authors", "vs authors"), ("mars_native_official", "vs official")],
     "aggregate": [("numpy", "vs NumPy"), ("torch_stack_mean", "vs torch"), ("floor", "native / floor")],
-    "round": [("floor", "batch / floor"), ("floor", "fused / floor"), ("floor", "streaming / floor")],
+    "round": [("floor", "batch / floor"), ("floor", "streaming / floor")],
 }
 TITLES = {
     "cbe": "CBE of N client models",
@@ -152,7 +151,7 @@ def _ratios(case: dict[str, Any]) -> list[str]:
     main = best(case, main_impl(g))
     if g == "round":
         floor = best(case, "floor")
-        return [fmt_ratio(best(case, impl) / floor) for impl in ("batch", "batch_fused", "streaming")]
+        return [fmt_ratio(main / floor), fmt_ratio(best(case, "streaming") / floor)]
     out = []
     for impl, _ in RATIOS[g]:
         other = best(case, impl)
@@ -163,7 +162,7 @@ def _ratios(case: dict[str, Any]) -> list[str]:
 def table_rows(cases: Sequence[dict[str, Any]], group: str) -> tuple[list[str], list[list[str]]]:
     header = ["case", *[h for _, h in COLUMNS[group]], *[lab for _, lab in RATIOS[group]]]
     if group == "round":
-        header.append("peak memory batch / fused / streaming")
+        header.append("peak memory batch / streaming")
     rows = []
     for case in cases:
         if case["group"] != group:
@@ -172,7 +171,7 @@ def table_rows(cases: Sequence[dict[str, Any]], group: str) -> tuple[list[str], 
         if group == "round":
             mem = case.get("peak_memory_bytes") or {}
             row.append(" / ".join("-" if mem.get(k) is None else f"{mem[k] / 2**20:.0f} MiB"
-                                  for k in ("batch", "batch_fused", "streaming")))
+                                  for k in ("batch", "streaming")))
         rows.append(row)
     return header, rows
 
@@ -229,8 +228,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if c:
         add("Round, 20 ResNet-18 clients (batch): time / read-states-once",
             best(c, "batch") / best(c, "floor"), 3.0, False)
-        add("Round, 20 ResNet-18 clients (batch, fused): time / read-states-once",
-            best(c, "batch_fused") / best(c, "floor"), 3.0, False)
         add("Round, 20 ResNet-18 clients (streaming): time / read-states-once",
             best(c, "streaming") / best(c, "floor"), 3.0, False)
     return out

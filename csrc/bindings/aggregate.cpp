@@ -1,5 +1,4 @@
 // aggregate(buffers, weights, out_dtype, n_threads, base, server_lr) -> weighted mean array
-// aggregate_onto(init, total_weight, buffers, weights, out_dtype, n_threads, base, server_lr)
 // accumulate(acc, x, weight, n_threads) -> (max_abs, checksum); acc += weight * x in place
 // finalize_mean(acc, total_weight, out_dtype, n_threads, base, server_lr) -> array
 // stream_sum(arrays, n_threads) -> float: every element read once (the benchmarks' floor)
@@ -9,7 +8,6 @@
 // dtypes, non-contiguous or misaligned views, read-only accumulators) is a TypeError/ValueError
 // naming the argument; mars_native.aggregation converts and validates for Python users.
 #include <cstring>
-#include <optional>
 #include <vector>
 
 #include "common.hpp"
@@ -193,96 +191,6 @@ void require_same_size(const py::array& a, const char* name, const py::array& ac
   }
 }
 
-template <typename T, typename O>
-py::array aggregate_onto_typed(const py::array& init, double total_weight,
-                               const std::vector<py::array>& buffers, const std::vector<double>& w,
-                               const py::array* base, double server_lr, int n_threads) {
-  py::array out = make_output<O>(shape_of(init));
-  std::vector<const T*> ptrs(buffers.size());
-  for (std::size_t i = 0; i < buffers.size(); ++i) ptrs[i] = static_cast<const T*>(buffers[i].data());
-  const double* ip = static_cast<const double*>(init.data());
-  const T* bp = base ? static_cast<const T*>(base->data()) : nullptr;
-  O* op = static_cast<O*>(out.mutable_data());
-  const auto n = static_cast<std::int64_t>(init.size());
-  {
-    py::gil_scoped_release release;
-    mars::aggregate::aggregate_onto<T, O>(ip, total_weight, ptrs.data(), w.data(),
-                                          static_cast<std::int64_t>(ptrs.size()), n, op, n_threads,
-                                          bp, server_lr);
-  }
-  return out;
-}
-
-py::array aggregate_onto(const py::object& init_obj, double total_weight,
-                         const py::object& buffers_obj, const py::object& weights_obj,
-                         const py::object& out_dtype, int n_threads, const py::object& base_obj,
-                         double server_lr) {
-  n_threads = threads_arg(n_threads);
-  finite_arg(server_lr, "server_lr");
-  if (!(total_weight > 0.0) || !std::isfinite(total_weight)) {
-    throw std::invalid_argument("total_weight must be positive and finite, got " +
-                                py::repr(py::float_(total_weight)).cast<std::string>());
-  }
-  if (float_kind(init_obj, "init") != Float::f64) {
-    throw py::type_error("init must be float64, got " +
-                         describe(py::reinterpret_borrow<py::array>(init_obj)));
-  }
-  const auto init = py::reinterpret_borrow<py::array>(init_obj);
-  require_flat(init, "init");
-  if (!py::isinstance<py::list>(buffers_obj) && !py::isinstance<py::tuple>(buffers_obj)) {
-    throw py::type_error("buffers must be a list or tuple of arrays, got " +
-                         py::str(py::type::of(buffers_obj)).cast<std::string>());
-  }
-  const auto seq = py::reinterpret_borrow<py::sequence>(buffers_obj);
-  std::vector<py::array> buffers;
-  std::optional<Float> kind;
-  for (std::size_t i = 0; i < py::len(seq); ++i) {
-    const py::object item = seq[i];
-    const std::string name = item_name("buffers", i);
-    const Float k = float_kind(item, name);
-    auto arr = py::reinterpret_borrow<py::array>(item);
-    if (kind && k != *kind) {
-      throw py::type_error(name + " has " + describe(arr) + " but buffers[0] has " +
-                           describe(buffers[0]) + "; all buffers must share one dtype");
-    }
-    kind = k;
-    require_flat(arr, name);
-    require_same_size(arr, name.c_str(), init);
-    buffers.push_back(std::move(arr));
-  }
-  DoubleArray weights = as_float64(weights_obj, "weights");
-  if (weights.ndim() != 1 || weights.shape(0) != static_cast<py::ssize_t>(buffers.size())) {
-    throw std::invalid_argument("weights must have shape (" + std::to_string(buffers.size()) +
-                                ",) (one per buffer), got shape " + shape_str(weights));
-  }
-  require_finite(weights, "weights");
-  std::vector<double> w(weights.data(), weights.data() + weights.shape(0));
-  py::array base;
-  const bool has_base = !base_obj.is_none();
-  if (has_base) {
-    const Float bk = float_kind(base_obj, "base");
-    base = py::reinterpret_borrow<py::array>(base_obj);
-    if (kind && bk != *kind) {
-      throw py::type_error("base has " + describe(base) + " but the buffers have dtype " +
-                           dtype_str(buffers[0]));
-    }
-    kind = bk;
-    require_flat(base, "base");
-    require_same_size(base, "base", init);
-  }
-  const Float in_kind = kind.value_or(Float::f32);
-  const Float out_kind = parse_out_dtype(out_dtype, in_kind);
-  const py::array* bp = has_base ? &base : nullptr;
-  if (in_kind == Float::f32) {
-    return out_kind == Float::f32
-               ? aggregate_onto_typed<float, float>(init, total_weight, buffers, w, bp, server_lr, n_threads)
-               : aggregate_onto_typed<float, double>(init, total_weight, buffers, w, bp, server_lr, n_threads);
-  }
-  return out_kind == Float::f32
-             ? aggregate_onto_typed<double, float>(init, total_weight, buffers, w, bp, server_lr, n_threads)
-             : aggregate_onto_typed<double, double>(init, total_weight, buffers, w, bp, server_lr, n_threads);
-}
-
 bool overlaps(const py::array& a, const py::array& b) {
   const auto* a0 = static_cast<const char*>(a.data());
   const auto* b0 = static_cast<const char*>(b.data());
@@ -413,13 +321,6 @@ void register_aggregate(py::module_& m) {
         "Weighted mean of equally shaped float32/float64 arrays (one dtype, C-contiguous) with fp64 "
         "accumulation in buffer order: sum_i w_i x_i / sum_i w_i; with base: base + server_lr * "
         "(mean - base). Zero-weight buffers are not read. Bit-identical for any n_threads.");
-  m.def("aggregate_onto", &aggregate_onto, py::arg("init"), py::arg("total_weight"),
-        py::arg("buffers"), py::arg("weights"), py::arg("out_dtype") = py::none(),
-        py::arg("n_threads") = 0, py::arg("base") = py::none(), py::arg("server_lr") = 1.0,
-        "(init + sum_i w_i x_i) / total_weight (or the base form of aggregate) with the adds in "
-        "buffer order onto the float64 start values init (e.g. a fused sum of a round minus its "
-        "rejected clients: weights may be negative; buffers may be empty). Buffers and base: one "
-        "float32/float64 dtype, C-contiguous, init's size; the output has init's shape.");
   m.def("accumulate", &accumulate, py::arg("acc"), py::arg("x"), py::arg("weight"),
         py::arg("n_threads") = 0,
         "acc += weight * x in place (acc float64, x float32/float64, same size, C-contiguous). "

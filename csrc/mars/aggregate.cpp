@@ -136,14 +136,11 @@ inline void add4(double* acc, std::int64_t len, const T* const* x, const double*
 
 }  // namespace
 
-namespace {
-
-// The weighted sum of the buffers (zero weights skipped) onto the fp64 start values init (zero
-// when init is null), in buffer order, one rounding per add; written as write_block does.
 template <typename T, typename O>
-void aggregate_impl(const double* init, double total_weight, const T* const* buffers,
-                    const double* weights, std::int64_t n_buffers, std::int64_t n_elems, O* out,
-                    int n_threads, const T* base, double server_lr) {
+void aggregate(const T* const* buffers, const double* weights, std::int64_t n_buffers,
+               std::int64_t n_elems, O* out, int n_threads, const T* base, double server_lr) {
+  double total_weight = 0.0;
+  for (std::int64_t i = 0; i < n_buffers; ++i) total_weight += weights[i];
   // A zero weight means "not included": the buffer is not read.
   std::vector<const T*> xs;
   std::vector<double> ws;
@@ -158,11 +155,7 @@ void aggregate_impl(const double* init, double total_weight, const T* const* buf
     double acc[kBlock];
     for (std::int64_t b = begin; b < end; b += kBlock) {
       const std::int64_t len = std::min(kBlock, end - b);
-      if (init == nullptr) {
-        std::fill(acc, acc + len, 0.0);
-      } else {
-        std::copy(init + b, init + b + len, acc);
-      }
+      std::fill(acc, acc + len, 0.0);
       // Four clients per sweep of the block: acc[j] is loaded and stored once for four adds
       // instead of four times. The adds run in client order, one rounding each, exactly as one
       // client per sweep would do them.
@@ -177,63 +170,6 @@ void aggregate_impl(const double* init, double total_weight, const T* const* buf
                   server_lr);
     }
   });
-}
-
-}  // namespace
-
-template <typename T, typename O>
-void aggregate(const T* const* buffers, const double* weights, std::int64_t n_buffers,
-               std::int64_t n_elems, O* out, int n_threads, const T* base, double server_lr) {
-  double total_weight = 0.0;
-  for (std::int64_t i = 0; i < n_buffers; ++i) total_weight += weights[i];
-  aggregate_impl(static_cast<const double*>(nullptr), total_weight, buffers, weights, n_buffers,
-                 n_elems, out, n_threads, base, server_lr);
-}
-
-template <typename T, typename O>
-void aggregate_onto(const double* init, double total_weight, const T* const* buffers,
-                    const double* weights, std::int64_t n_buffers, std::int64_t n_elems, O* out,
-                    int n_threads, const T* base, double server_lr) {
-  aggregate_impl(init, total_weight, buffers, weights, n_buffers, n_elems, out, n_threads, base,
-                 server_lr);
-}
-
-template <typename T>
-double add_scaled(double* acc, const T* x, std::int64_t n, double weight) {
-  std::int64_t j = 0;
-  double max_abs = 0.0;
-  bool nan = false;
-#if defined(MARS_SIMD4_AVX2)
-  const __m256d w = _mm256_set1_pd(weight);
-  const __m256d sign = _mm256_set1_pd(-0.0);
-  __m256d mx = _mm256_setzero_pd(), bad = _mm256_setzero_pd();
-  if (weight != 0.0) {
-    for (; j + 4 <= n; j += 4) {
-      const __m256d v = load4(x + j);
-      _mm256_storeu_pd(acc + j, _mm256_fmadd_pd(w, v, _mm256_loadu_pd(acc + j)));
-      mx = _mm256_max_pd(mx, _mm256_andnot_pd(sign, v));
-      bad = _mm256_or_pd(bad, _mm256_cmp_pd(v, v, _CMP_UNORD_Q));
-    }
-  } else {
-    for (; j + 4 <= n; j += 4) {
-      const __m256d v = load4(x + j);
-      mx = _mm256_max_pd(mx, _mm256_andnot_pd(sign, v));
-      bad = _mm256_or_pd(bad, _mm256_cmp_pd(v, v, _CMP_UNORD_Q));
-    }
-  }
-  double lanes[4];
-  _mm256_storeu_pd(lanes, mx);
-  for (double l : lanes) max_abs = l > max_abs ? l : max_abs;
-  nan = _mm256_movemask_pd(bad) != 0;
-#endif
-  for (; j < n; ++j) {
-    const double v = static_cast<double>(x[j]);
-    if (weight != 0.0) acc[j] = madd(acc[j], weight, v);
-    const double a = std::fabs(v);
-    nan = nan || a != a;
-    max_abs = a > max_abs ? a : max_abs;
-  }
-  return nan ? std::numeric_limits<double>::quiet_NaN() : max_abs;
 }
 
 // Checksum of x[begin, end) split over kLanes independent lanes: the sum of the terms
@@ -339,8 +275,6 @@ void finalize(const double* acc, double total_weight, std::int64_t n, O* out, in
 #define MARS_AGGREGATE_INSTANTIATE(T, O)                                                      \
   template void aggregate<T, O>(const T* const*, const double*, std::int64_t, std::int64_t,  \
                                 O*, int, const T*, double);                                    \
-  template void aggregate_onto<T, O>(const double*, double, const T* const*, const double*,  \
-                                     std::int64_t, std::int64_t, O*, int, const T*, double); \
   template void finalize<T, O>(const double*, double, std::int64_t, O*, int, const T*, double);
 
 MARS_AGGREGATE_INSTANTIATE(float, float)
@@ -350,8 +284,6 @@ MARS_AGGREGATE_INSTANTIATE(double, double)
 #undef MARS_AGGREGATE_INSTANTIATE
 
 template BufferStats accumulate<float>(double*, const float*, double, std::int64_t, int);
-template double add_scaled<float>(double*, const float*, std::int64_t, double);
-template double add_scaled<double>(double*, const double*, std::int64_t, double);
 template BufferStats accumulate<double>(double*, const double*, double, std::int64_t, int);
 
 }  // namespace aggregate

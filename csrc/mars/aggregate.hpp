@@ -34,22 +34,6 @@ void aggregate(const T* const* buffers, const double* weights, std::int64_t n_bu
                std::int64_t n_elems, O* out, int n_threads, const T* base = nullptr,
                double server_lr = 1.0);
 
-// aggregate() onto fp64 start values: out[j] = (init[j] + sum_i w_i * x_i[j]) / total_weight (or
-// the base form), the adds in buffer order as in aggregate(), zero weights skipped. Weights may
-// be negative (a streamed or fused sum minus the clients rejected after it was built); n_buffers
-// may be 0. With init all zero and total_weight = sum_i w_i this is aggregate(), bit for bit.
-template <typename T, typename O>
-void aggregate_onto(const double* init, double total_weight, const T* const* buffers,
-                    const double* weights, std::int64_t n_buffers, std::int64_t n_elems, O* out,
-                    int n_threads, const T* base = nullptr, double server_lr = 1.0);
-
-// acc[j] = fma(weight, x[j], acc[j]) for j < n on the calling thread (acc untouched when weight
-// is 0: as aggregate() skips a zero-weight buffer); returns max |x[j]|, NaN if any x[j] is NaN.
-// The adds round as aggregate()'s do, so summing clients one at a time in order with add_scaled
-// from zero gives aggregate()'s accumulator bit for bit.
-template <typename T>
-double add_scaled(double* acc, const T* x, std::int64_t n, double weight);
-
 // acc[j] += weight * x[j] for j < n. T: float or double.
 template <typename T>
 BufferStats accumulate(double* acc, const T* x, double weight, std::int64_t n, int n_threads);

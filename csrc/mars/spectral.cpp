@@ -7,7 +7,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "mars/aggregate.hpp"
 #include "mars/parallel.hpp"
 #include "mars/simd4.hpp"
 #include "mars/topeig.hpp"
@@ -533,75 +532,7 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
   });
 }
 
-// The fused score-and-sum pass: tasks of a few channels of one key (about kSumTaskElems elements
-// per client, whole groups of 8 channels so that the eigen-solves keep their 8-lane form), small
-// enough that a task's slice of the fp64 sum and the client slice just scored stay in L2.
-constexpr std::int64_t kSumTaskElems = 1 << 15;
-
-template <typename T>
-void spectral_sum_impl(const SummedKey<T>* keys, std::int64_t n_keys, std::int64_t n_clients,
-                       const double* client_weights, int n_threads) {
-  struct Task {
-    std::int64_t key, begin, end;
-  };
-  std::vector<Task> tasks;
-  for (std::int64_t k = 0; k < n_keys; ++k) {
-    const LayerView<T>& L = keys[k].views[0];
-    const std::int64_t per_channel = L.rows * L.cols;
-    for (std::int64_t i = 0; i < n_clients; ++i) keys[k].max_abs[i] = 0.0;
-    if (L.out <= 0) continue;
-    if (per_channel == 0) {
-      for (std::int64_t i = 0; i < n_clients; ++i) {
-        std::fill(keys[k].views[i].result, keys[k].views[i].result + L.out, 0.0);
-      }
-      continue;
-    }
-    std::int64_t step = std::max<std::int64_t>(1, kSumTaskElems / per_channel);
-    step = (step + 2 * kGroup - 1) / (2 * kGroup) * (2 * kGroup);
-    for (std::int64_t b = 0; b < L.out; b += step) tasks.push_back({k, b, std::min(L.out, b + step)});
-  }
-  const int threads = parallel::resolve_threads(n_threads);
-  const std::int64_t n_tasks = static_cast<std::int64_t>(tasks.size());
-  std::vector<Workspace> ws(static_cast<std::size_t>(threads));
-  std::vector<double> task_max(static_cast<std::size_t>(n_tasks * n_clients), 0.0);
-  parallel::parallel_tasks(n_tasks, threads, [&](int thread, std::int64_t t) {
-    const Task& task = tasks[static_cast<std::size_t>(t)];
-    const SummedKey<T>& key = keys[task.key];
-    const std::int64_t per_channel = key.views[0].rows * key.views[0].cols;
-    const std::int64_t offset = task.begin * per_channel;
-    const std::int64_t len = (task.end - task.begin) * per_channel;
-    double* acc = key.sum + offset;
-    std::fill(acc, acc + len, 0.0);
-    for (std::int64_t i = 0; i < n_clients; ++i) {
-      const LayerView<T>& L = key.views[i];
-      channel_range(L.weight, L.rows, L.cols, L.scale, L.result, task.begin, task.end,
-                    ws[static_cast<std::size_t>(thread)]);
-      task_max[static_cast<std::size_t>(t * n_clients + i)] =
-          aggregate::add_scaled(acc, L.weight + offset, len, client_weights[i]);
-    }
-  });
-  for (std::int64_t t = 0; t < n_tasks; ++t) {  // max over the tasks of a key (NaN wins)
-    double* out = keys[tasks[static_cast<std::size_t>(t)].key].max_abs;
-    for (std::int64_t i = 0; i < n_clients; ++i) {
-      const double m = task_max[static_cast<std::size_t>(t * n_clients + i)];
-      if (m != m || m > out[i]) out[i] = std::isnan(out[i]) ? out[i] : m;
-    }
-  }
-}
-
 }  // namespace
-
-void channel_spectral_norms_and_sum(const SummedKey<float>* keys, std::int64_t n_keys,
-                                    std::int64_t n_clients, const double* client_weights,
-                                    int n_threads) {
-  spectral_sum_impl(keys, n_keys, n_clients, client_weights, n_threads);
-}
-
-void channel_spectral_norms_and_sum(const SummedKey<double>* keys, std::int64_t n_keys,
-                                    std::int64_t n_clients, const double* client_weights,
-                                    int n_threads) {
-  spectral_sum_impl(keys, n_keys, n_clients, client_weights, n_threads);
-}
 
 void channel_spectral_norms(const float* weight, std::int64_t out, std::int64_t rows,
                             std::int64_t cols, const double* scale, double* result,

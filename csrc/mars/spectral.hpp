@@ -50,26 +50,5 @@ void channel_spectral_norms_batch(const LayerView<float>* layers, std::int64_t n
 void channel_spectral_norms_batch(const LayerView<double>* layers, std::int64_t n_layers,
                                   int n_threads);
 
-// A weight key of a round, scored and summed in one pass: the same key in n_clients models.
-template <typename T>
-struct SummedKey {
-  const LayerView<T>* views;  // n_clients views of one (out, rows, cols) shape, in client order
-  double* sum;                // out * rows * cols: sum_i client_weights[i] * weight_i
-  double* max_abs;            // n_clients: max |weight_i| (NaN when weight_i holds a NaN)
-};
-
-// channel_spectral_norms of every view of every key (results bit-identical to
-// channel_spectral_norms_batch) and, in the same pass over memory, each key's fp64 weighted sum
-// over the clients: a task takes a range of channels of one key and, client after client, scores
-// them and adds them (mars::aggregate::add_scaled: client order, one rounding per add, zero
-// weights skipped) to its slice of the sum while they are still in cache. The sum is therefore
-// bit-identical to mars::aggregate's accumulator over the same clients, for any thread count.
-void channel_spectral_norms_and_sum(const SummedKey<float>* keys, std::int64_t n_keys,
-                                    std::int64_t n_clients, const double* client_weights,
-                                    int n_threads);
-void channel_spectral_norms_and_sum(const SummedKey<double>* keys, std::int64_t n_keys,
-                                    std::int64_t n_clients, const double* client_weights,
-                                    int n_threads);
-
 }  // namespace spectral
 }  // namespace mars

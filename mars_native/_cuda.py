@@ -136,13 +136,20 @@ def channel_spectral_norms_batched_cuda(weights: Sequence[Any], scales: Sequence
 
 
 def _spectral_launch(weights: Sequence[Any], scales: Sequence[Any] | None,
-                     check_finite: bool) -> tuple[list[Any], list[tuple]]:
+                     check_finite: bool, scale_descs: Sequence[tuple | None] | None = None,
+                     views: bool = True) -> tuple[Any, list[tuple]]:
     """:func:`channel_spectral_norms_batched_cuda` and the descriptors of its results (views of
     one float64 buffer). Torch tensors the kernels can read as they are skip the validating,
-    converting path (``TorchArrays.fast_desc``); anything else takes it."""
+    converting path (``TorchArrays.fast_desc``); anything else takes it.
+
+    ``scale_descs[i]`` (when given and not None): the descriptor of weight i's scale, already
+    known to be a float64 C-contiguous ``(out,)`` run of device memory that the caller keeps
+    alive (e.g. a row of a stacked array, by address arithmetic); ``scales[i]`` is then not
+    read. ``views=False``: the one result buffer in place of the list of views (the caller keeps
+    it alive for as long as it uses the descriptors)."""
     weights = list(weights)
     if not weights:
-        return [], []
+        return ([] if views else None), []
     scales = [None] * len(weights) if scales is None else list(scales)
     if len(scales) != len(weights):
         raise ValueError(f"got {len(weights)} weights but {len(scales)} scales")
@@ -159,8 +166,11 @@ def _spectral_launch(weights: Sequence[Any], scales: Sequence[Any] | None,
             keep.append(w)  # a converted copy must outlive the launches
             d = lib.desc(w)
         n_out = int(d[1][0])
-        e = None
-        if s is not None:
+        e = None if scale_descs is None else scale_descs[i]
+        if e is not None:
+            if e[1] != (n_out,):
+                raise ValueError(f"scale descriptor {i} has shape {e[1]}, expected ({n_out},)")
+        elif s is not None:
             e = lib.fast_desc(s, f64_only=True) if fast else None
             if e is None or e[1] != (n_out,):
                 s = float_input(lib, s, f"scales[{i}]", allow_int=True, to64=True)
@@ -176,11 +186,11 @@ def _spectral_launch(weights: Sequence[Any], scales: Sequence[Any] | None,
         sizes.append(n_out)
     # One allocation for all results; each result is a view of it.
     buf = lib.empty((sum(sizes),), "float64")
-    outs = lib.split(buf, sizes)
+    outs = lib.split(buf, sizes) if views else None
     rd = lib.segment_descs(buf, sizes)
     _core.cuda.channel_spectral_norms(wd, sd, rd, lib.index, lib.stream())
     del keep  # (the launches are enqueued; stream order protects the memory from now on)
-    return outs, rd
+    return (outs if views else buf), rd
 
 
 def _values_1d(lib: Arrays, values: Any, name: str, check_finite: bool) -> Any:

@@ -21,6 +21,7 @@ from mars_native._cuda import (
 )
 from mars_native._cuda_arrays import (
     FLOAT_DTYPES,
+    TorchArrays,
     _module_root,
     array_shape,
     check_kappa,
@@ -193,22 +194,36 @@ def bn_scales_stacked(states: Sequence[Mapping[str, Any]], bn_prefix: str, bn_ep
 
 
 def layer_inputs_many(states: Sequence[Mapping[str, Any]], layers: Sequence[Any], bn_eps: float,
-                      mode: str) -> tuple[list[Any], list[Any]]:
+                      mode: str, descs: bool = False) -> tuple[list[Any], list[Any], list[tuple | None]]:
     """The weights of ``layers`` in every model and their BN scales on the device (None: no BN),
     concatenated model after model (``len(states) * len(layers)`` each); the BN scales of a layer
     are computed for all models at once (:func:`bn_scales_stacked`) when their vectors allow it,
-    else model by model (:func:`bn_scale_cuda`)."""
+    else model by model (:func:`bn_scale_cuda`).
+
+    ``descs=True``: the scales of a stacked layer are not cut into row views; their launch
+    descriptors come by address arithmetic instead (third list; None elsewhere) and the scales
+    list holds the whole ``(n_models, out)`` stack at each of its rows' places (to keep it
+    alive). Otherwise the third list is all None."""
     per = len(layers)
     weights = [state[layer.weight_key] for state in states for layer in layers]
     scales: list[Any] = [None] * (len(states) * per)
+    scale_descs: list[tuple | None] = [None] * (len(states) * per)
     for j, layer in enumerate(layers):
         if layer.bn_prefix is None:
             continue
         stacked = bn_scales_stacked(states, layer.bn_prefix, bn_eps, mode) if len(states) > 1 else None
+        if stacked is not None and descs:
+            lib = library(stacked, "scales")
+            whole = lib.fast_desc(stacked, f64_only=True) if isinstance(lib, TorchArrays) else None
+            if whole is not None and whole[1] == (len(states), int(stacked.shape[1])):
+                rows = lib.segment_descs(stacked, [int(stacked.shape[1])] * len(states))
+                for i in range(len(states)):
+                    scales[i * per + j], scale_descs[i * per + j] = stacked, rows[i]
+                continue
         for i, state in enumerate(states):
             scales[i * per + j] = (stacked[i] if stacked is not None
                                    else bn_scale_cuda(state, layer.bn_prefix, bn_eps, mode))
-    return weights, scales
+    return weights, scales, scale_descs
 
 
 def find_layers_from_shapes(state: Mapping[str, Any], layers: Sequence[Any] | None,
@@ -232,7 +247,7 @@ def backdoor_energy_cuda(state: Mapping[str, Any], layers: Sequence[Any] | None 
     result (found from the shapes when None; nothing is read back from the device)."""
     require_backend()
     layers = find_layers_from_shapes(state, layers, include_linear, mode)
-    weights, scales = layer_inputs_many([state], layers, bn_eps, mode)
+    weights, scales, _ = layer_inputs_many([state], layers, bn_eps, mode)
     energies = channel_spectral_norms_batched_cuda(weights, scales, check_finite=False)
     return {layer.name: e for layer, e in zip(layers, energies)}
 
@@ -267,30 +282,37 @@ def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
     if not layers:
         raise ValueError("no scorable layer: the state_dict has no conv (ndim >= 3) weights")
     shapes = {layer.weight_key: array_shape(states[0][layer.weight_key]) for layer in layers}
+    raw = {key: getattr(states[0][key], "shape", None) for key in shapes}  # e.g. torch.Size
     for i, state in enumerate(states[1:], 1):
         for key, shape in shapes.items():
             if key not in state:
                 raise ValueError(f"states[{i}] has no {key!r} (states[0] has it)")
-            got = array_shape(state[key])
+            x = state[key]
+            if raw[key] is not None and getattr(x, "shape", None) == raw[key]:
+                continue  # the same shape object type and value: no conversion needed
+            got = array_shape(x)
             if got != shape:
                 raise ValueError(f"states[{i}][{key!r}] has shape {got} but states[0] has {shape}")
-    weights, scales = layer_inputs_many(states, layers, bn_eps, mode)
-    energies, descs = _spectral_launch(weights, scales, check_finite=False)
-    lib = library(energies[0], "energies")
+    weights, scales, scale_descs = layer_inputs_many(states, layers, bn_eps, mode, descs=True)
+    official = mode == "official"  # (its top-k takes arrays: the result views are needed)
+    energies, descs = _spectral_launch(weights, scales, check_finite=False, scale_descs=scale_descs,
+                                       views=official)
+    lib = library(weights[0], "weights[0]")
     per = len(layers)
     # Like the CPU: layers with zero output channels contribute nothing.
-    scored = [j for j in range(per) if int(energies[j].shape[0]) > 0]
+    scored = [j for j in range(per) if descs[j][1][0] > 0]
     if not scored:
         raise ValueError("no scorable layer: every scored layer has zero output channels")
     picked = [i * per + j for i in range(len(states)) for j in scored]
-    energies, descs = [energies[k] for k in picked], [descs[k] for k in picked]
+    descs = [descs[k] for k in picked]
     per = len(scored)
-    if mode == "official":
-        parts = _top_k_many(lib, energies, kappa, "quantile")
+    if official:
+        parts = _top_k_many(lib, [energies[k] for k in picked], kappa, "quantile")
         return [lib.cat(parts[i * per:(i + 1) * per]) for i in range(len(states))]
-    counts = [int(_core.top_k_count(kappa, int(e.shape[0]))) for e in energies[:per]]
+    counts = [int(_core.top_k_count(kappa, int(d[1][0]))) for d in descs[:per]]
     out = lib.empty((len(states), sum(counts)), "float64")
     # Row i, layer j of `out` is the (i * len(counts) + j)-th consecutive segment of its memory.
     targets = lib.segment_descs(out, counts * len(states))
     _core.cuda.top_k_ceil(descs, kappa, targets, lib.index, lib.stream())
+    del energies  # (the result buffer outlives the enqueued top-k launch, which reads it)
     return out

@@ -267,18 +267,36 @@ def test_fast_launch_path_hands_the_kernels_what_the_validating_path_does(emulat
     assert [None if d is None else d[1:] for d in slow_sd] == [None if d is None else d[1:] for d in fast_sd]
 
 
-def test_cbe_batch_top_k_targets_are_the_rows_of_the_result(emulated_device):
+def test_cbe_batch_top_k_targets_are_the_rows_of_the_result(emulated_device, monkeypatch):
+    """The batch CBE's launches: weights read in place, each BN scale a row of its layer's
+    stacked scales (by address; the row equals the model's own scale), the top-k reading the
+    spectral results and writing exactly the rows and columns of the returned matrix."""
     torch, lib, recorder = emulated_device
     from _torch_models import SmallCNN
 
     states = _random_states(torch, SmallCNN, 3)
+    stacks = {}
+    stacked_of = _cuda_states.bn_scales_stacked
+
+    def spy(states_, prefix, *args):
+        stacks[prefix] = stacked_of(states_, prefix, *args)
+        return stacks[prefix]
+
+    monkeypatch.setattr(_cuda_states, "bn_scales_stacked", spy)
     cbe = _cuda_states.concentrated_backdoor_energy_batch_cuda(states, kappa=0.1)
     (_, wd, sd, rd), (_, values, targets) = recorder.calls
     layers = _cuda_states.find_layers_from_shapes(states[0], None, False, "paper")
     assert wd == [lib.desc(s[layer.weight_key]) for s in states for layer in layers]
-    assert [None if d is None else d[1:3] for d in sd] == [
-        None if layer.bn_prefix is None else ((int(s[layer.weight_key].shape[0]),), "<f8")
-        for s in states for layer in layers]
+    expected_sd = []
+    for i, s in enumerate(states):
+        for layer in layers:
+            if layer.bn_prefix is None:
+                expected_sd.append(None)
+                continue
+            stack = stacks[layer.bn_prefix]
+            assert torch.equal(stack[i], _cuda_states.bn_scale_cuda(s, layer.bn_prefix))
+            expected_sd.append(lib.desc(stack[i]))
+    assert any(d is not None for d in expected_sd) and sd == expected_sd
     assert values == rd
     counts = [int(_core.top_k_count(0.1, int(states[0][layer.weight_key].shape[0]))) for layer in layers]
     expected, offsets = [], list(itertools.accumulate(counts, initial=0))
@@ -677,3 +695,17 @@ def test_to_device_state_and_to_host_round_trip(torch_cuda):
     assert tuple(on_gpu["n"].shape) == () and tuple(on_gpu["w"].shape) == (3, 4)
     assert _cuda.to_host(on_gpu["w"]).tobytes() == host["w"].tobytes()
     assert _cuda.is_cuda_state(on_gpu) and _cuda.non_finite_keys(on_gpu) == []
+
+
+def test_cbe_batch_names_a_model_whose_weight_shape_differs(emulated_device):
+    torch, _, recorder = emulated_device
+    from _torch_models import SmallCNN
+
+    states = _random_states(torch, SmallCNN, 3)
+    layers = _cuda_states.find_layers_from_shapes(states[0], None, False, "paper")
+    key = layers[-1].weight_key
+    states[2] = dict(states[2])
+    states[2][key] = torch.zeros(tuple(states[2][key].shape[:-1]) + (1,))
+    with pytest.raises(ValueError, match=rf"states\[2\]\['{key}'\] has shape .* but states\[0\] has"):
+        _cuda_states.concentrated_backdoor_energy_batch_cuda(states, layers)
+    assert recorder.calls == []  # nothing was launched

@@ -7,7 +7,7 @@
 #   4. benchmarks/bench_cuda.py (CBE of N ResNet-18 clients vs the read floor and torch);
 #   5. optionally (GPU_CHECK_NCU=1) per-kernel durations of one small CBE call under ncu.
 # Logs go to $OUT (default ./gpu-out). Exit status: the first failing step's.
-# Usage: OUT=dir [ARCH=90] [CLIENTS=100] [TORCH_CLIENTS=10] [TORCH_REPEAT=1] [GPU_CHECK_TESTS=0]
+# Usage: OUT=dir [ARCH=90] [CLIENTS=100] [TORCH_CLIENTS=10] [TORCH_REPEAT=1] [SKIP_TORCH=1] [GPU_CHECK_TESTS=0]
 #        [GPU_CHECK_NCU=1] tools/gpu_check.sh
 # (The PyTorch baseline is slow: one run of matrix_norm over 100 ResNet-18 clients did not finish in
 # 160 s on an H200, so by default it scores the first TORCH_CLIENTS clients and mars_native is timed
@@ -45,7 +45,7 @@ $PY -c "import mars_native as mn; print(mn.build_info())" 2>&1 | tee -a "$OUT/in
   python_tests/test_defense.py
 step bench "${BENCH_LIMIT:-200}" $PY benchmarks/bench_cuda.py --clients "$CLIENTS" --repeat 10 \
   --torch-repeat "${TORCH_REPEAT:-1}" --torch-clients "${TORCH_CLIENTS:-10}" --json "$OUT/bench_cuda.json" \
-  --profile "$OUT/profile.txt"
+  --profile "$OUT/profile.txt" ${SKIP_TORCH:+--skip-torch}
 if [ "${GPU_CHECK_NCU:-0}" = 1 ]; then
   step ncu 80 ncu --clock-control none --print-summary per-kernel \
     $PY benchmarks/bench_cuda.py --clients 10 --repeat 1 --skip-torch

@@ -168,8 +168,9 @@ def _spectral_launch(weights: Sequence[Any], scales: Sequence[Any] | None,
         n_out = int(d[1][0])
         e = None if scale_descs is None else scale_descs[i]
         if e is not None:
-            if e[1] != (n_out,):
-                raise ValueError(f"scale descriptor {i} has shape {e[1]}, expected ({n_out},)")
+            if e[1] != (n_out,) or e[3] != lib.index:
+                raise ValueError(f"the scale of weights[{i}] (shape {e[1]}, device {e[3]}) does not "
+                                 f"match it (({n_out},) on device {lib.index})")
         elif s is not None:
             e = lib.fast_desc(s, f64_only=True) if fast else None
             if e is None or e[1] != (n_out,):

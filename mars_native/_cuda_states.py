@@ -289,7 +289,7 @@ def concentrated_backdoor_energy_batch_cuda(states: Sequence[Mapping[str, Any]],
                 raise ValueError(f"states[{i}] has no {key!r} (states[0] has it)")
             x = state[key]
             if raw[key] is not None and getattr(x, "shape", None) == raw[key]:
-                continue  # the same shape object type and value: no conversion needed
+                continue  # equal shapes (e.g. two torch.Size): no conversion needed
             got = array_shape(x)
             if got != shape:
                 raise ValueError(f"states[{i}][{key!r}] has shape {got} but states[0] has {shape}")

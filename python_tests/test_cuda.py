@@ -709,3 +709,19 @@ def test_cbe_batch_names_a_model_whose_weight_shape_differs(emulated_device):
     with pytest.raises(ValueError, match=rf"states\[2\]\['{key}'\] has shape .* but states\[0\] has"):
         _cuda_states.concentrated_backdoor_energy_batch_cuda(states, layers)
     assert recorder.calls == []  # nothing was launched
+
+
+def test_given_scale_descriptors_must_match_their_weights(emulated_device):
+    """A scale handed over as a descriptor (a row of a stack) is checked against its weight's
+    channel count and device before anything is launched."""
+    torch, lib, recorder = emulated_device
+    w = torch.zeros(4, 2, 3, 3)
+    stack = torch.ones(2, 4, dtype=torch.float64)
+    rows = lib.segment_descs(stack, [4, 4])
+    _cuda._spectral_launch([w, w], [stack, stack], check_finite=False, scale_descs=rows, views=False)
+    assert recorder.calls[-1][2] == rows
+    recorder.calls.clear()
+    for bad in ((rows[0][0], (3,), "<f8", lib.index), (rows[0][0], (4,), "<f8", lib.index + 1)):
+        with pytest.raises(ValueError, match="does not match it"):
+            _cuda._spectral_launch([w], [stack], check_finite=False, scale_descs=[bad])
+    assert recorder.calls == []

@@ -57,6 +57,11 @@ def is_cuda_state(state: Any) -> bool:
     return any(is_cuda_array(state[k]) for k in keys)
 
 
+def is_torch_cuda(x: Any) -> bool:
+    """True for a torch tensor held on a CUDA device (checked without importing torch)."""
+    return _module_root(x) == "torch" and bool(getattr(x, "is_cuda", False))
+
+
 def array_shape(x: Any) -> tuple[int, ...]:
     """The shape of an array-like from its metadata (``shape``, else the CUDA array interface)."""
     shape = getattr(x, "shape", None)
@@ -96,7 +101,7 @@ class TorchArrays:
         self._readable = {getattr(torch, name): _TYPESTR[name] for name in ("float32", "float64")}
 
     def owns(self, x: Any) -> bool:
-        return _module_root(x) == "torch" and bool(getattr(x, "is_cuda", False))
+        return is_torch_cuda(x)
 
     def wrap(self, x: Any) -> Any:
         return self.torch.as_tensor(x, device=self.device)  # zero-copy for CUDA interface objects

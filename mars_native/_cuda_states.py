@@ -22,12 +22,12 @@ from mars_native._cuda import (
 from mars_native._cuda_arrays import (
     FLOAT_DTYPES,
     TorchArrays,
-    _module_root,
     array_shape,
     check_kappa,
     dtype_name,
     float_input,
     is_cuda_array,
+    is_torch_cuda,
     library,
     require_backend,
 )
@@ -153,10 +153,6 @@ def _bn_scale_of(lib: Any, var: Any, gamma: Any, var_key: str, gkey: str, bn_eps
     return gamma / lib.sqrt(var + bn_eps)
 
 
-def _is_torch_cuda(x: Any) -> bool:
-    return _module_root(x) == "torch" and bool(getattr(x, "is_cuda", False))
-
-
 def bn_scales_stacked(states: Sequence[Mapping[str, Any]], bn_prefix: str, bn_eps: float = 1e-5,
                       mode: str = "paper") -> Any | None:
     """The BN scales of one layer of many models at once: a float64 ``(n_models, out)`` device
@@ -172,7 +168,7 @@ def bn_scales_stacked(states: Sequence[Mapping[str, Any]], bn_prefix: str, bn_ep
         if key not in states[0]:
             return None
         ref = states[0][key]
-        if not _is_torch_cuda(ref) or ref.ndim != 1:
+        if not is_torch_cuda(ref) or ref.ndim != 1:
             return None
         kind, dt = type(ref), ref.dtype
         column = []

@@ -222,7 +222,7 @@ def emulated_device(monkeypatch):
         monkeypatch.setattr(module, "library", lambda x, name: lib)
         monkeypatch.setattr(module, "require_backend", lambda: None)
         monkeypatch.setattr(module, "_core", core)
-    monkeypatch.setattr(_cuda_states, "_is_torch_cuda", lambda x: isinstance(x, torch.Tensor))
+    monkeypatch.setattr(_cuda_states, "is_torch_cuda", lambda x: isinstance(x, torch.Tensor))
     return torch, lib, recorder
 
 

@@ -377,7 +377,8 @@ class MARS:
         if not scored:
             return results
         try:
-            energies = score_inputs(inputs, [layers for _, layers in scored], self.n_threads)
+            energies = score_inputs(inputs, [layers for _, layers in scored], self.n_threads,
+                                    kappa=self.kappa)
         except (TypeError, ValueError):  # not expected after layer_inputs; let each client say why
             for i, _ in scored:
                 results[i] = self.client_cbe(states[i], template, reference)

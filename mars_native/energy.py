@@ -11,6 +11,7 @@ concatenates, layer by layer, the top ``kappa`` share of each layer's BE values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -162,27 +163,49 @@ def _energies_many(
     bn_eps: float,
     mode: Mode,
     n_threads: int | None,
+    kappa: float | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """BE of the host models ``states[i]`` (scored layers ``layers[i]``) in one native call."""
+    """BE of the host models ``states[i]`` (scored layers ``layers[i]``) in one native call
+    (``kappa``: only for the CBE, see :func:`score_inputs`)."""
     inputs = [layer_inputs(state, found, bn_eps, mode) for state, found in zip(states, layers)]
-    return score_inputs(inputs, layers, n_threads)
+    return score_inputs(inputs, layers, n_threads, kappa=kappa)
+
+
+def cbe_keep(out: int, kappa: float) -> int:
+    """How many of a layer's ``out`` BE values the CBE can read, for both rules: at most
+    ``ceil(kappa * out) + 2`` (the paper's ``ceil`` count, or the one or two order statistics the
+    ``(1 - kappa)`` quantile interpolates between and the values above them, with one value to
+    spare for the rounding of ``kappa * out``), capped at ``out``. -1 (every value) for a
+    ``kappa`` outside (0, 1], which the top-k then rejects."""
+    if not (isinstance(kappa, (int, float)) and 0.0 < kappa <= 1.0):
+        return -1
+    return min(int(out), math.ceil(kappa * out) + 2)
 
 
 def score_inputs(
     inputs: Sequence[tuple[list[np.ndarray], list[np.ndarray | None]]],
     layers: Sequence[Sequence[Layer]],
     n_threads: int | None,
+    *,
+    kappa: float | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """BE of several models from their :func:`layer_inputs` (``inputs[i]`` for the layers
     ``layers[i]``): layer name -> values per model, every layer of every model in one native call
     (one parallel region, GIL released once; bit-identical to channel_spectral_norms per layer,
-    without the per-layer and per-model call and thread start-up costs)."""
+    without the per-layer and per-model call and thread start-up costs).
+
+    ``kappa`` (for the CBE only): every layer's :func:`cbe_keep` largest values are wanted. They,
+    and every value at or above the ``cbe_keep``-th largest, are exact (bit for bit); a channel
+    the kernel certified below that value (its eigen-solve skipped) holds an upper bound of its
+    BE that stays below it. :func:`concentrate` of the result is therefore the CBE, bit for bit.
+    """
     weights: list[np.ndarray] = []
     scales: list[np.ndarray | None] = []
     for w, sc in inputs:
         weights += w
         scales += sc
-    values = iter(_core.channel_spectral_norms_batch(weights, scales, _threads(n_threads)))
+    keep = None if kappa is None else [cbe_keep(w.shape[0], kappa) for w in weights]
+    values = iter(_core.channel_spectral_norms_batch(weights, scales, _threads(n_threads), keep))
     return [{layer.name: next(values) for layer in found} for found in layers]
 
 
@@ -242,19 +265,10 @@ def concentrated_backdoor_energy(
     A state_dict of CUDA tensors is scored on its GPU; the CBE is then a device array.
     """
     _check_mode(mode)
+    found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
     if on_device(state_dict):
-        found = _layers(state_dict, layers, include_linear, reference, layer_map, mode)
         return _cuda.concentrated_backdoor_energy_cuda(state_dict, found, kappa, mode, bn_eps=bn_eps)
-    energies = backdoor_energy(
-        state_dict,
-        include_linear=include_linear,
-        reference=reference,
-        layer_map=layer_map,
-        layers=layers,
-        bn_eps=bn_eps,
-        mode=mode,
-        n_threads=n_threads,
-    )
+    energies = _energies_many([state_dict], [found], bn_eps, mode, n_threads, kappa=kappa)[0]
     return concentrate(energies, kappa, mode, include_linear=include_linear)
 
 
@@ -284,8 +298,11 @@ def concentrated_backdoor_energies(
     kw = {"include_linear": include_linear, "reference": reference, "layer_map": layer_map,
           "layers": layers, "bn_eps": bn_eps}
     host = [i for i, s in enumerate(states) if not on_device(s)]
-    host_energies = dict(zip(host, backdoor_energies([states[i] for i in host], mode=mode,
-                                                     n_threads=n_threads, **kw))) if host else {}
+    host_energies: dict[int, dict[str, np.ndarray]] = {}
+    if host:
+        found = [_layers(states[i], layers, include_linear, reference, layer_map, mode) for i in host]
+        host_energies = dict(zip(host, _energies_many([states[i] for i in host], found, bn_eps, mode,
+                                                      n_threads, kappa=kappa)))
     rows = []
     for i, state in enumerate(states):
         try:

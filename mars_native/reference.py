@@ -17,6 +17,7 @@ __all__ = [
     "SplitMix64",
     "channel_spectral_norms",
     "kwmeans",
+    "layer_top_values",
     "pairwise_wasserstein",
     "restart_seed",
     "top_k_count",
@@ -47,6 +48,23 @@ def channel_spectral_norms(
     if scale is not None:
         sigma = sigma * np.asarray(scale, dtype=np.float64)
     return sigma
+
+
+def layer_top_values(
+    weight: ArrayLike, scale: ArrayLike | None, keep: int
+) -> NDArray[np.float64]:
+    """The ``keep`` largest values of :func:`channel_spectral_norms` for one layer, descending
+    (all of them for ``keep < 1`` or ``keep >= out``). NaN channels count as larger than any
+    number, like ``np.sort`` puts them last.
+
+    Twin of ``_core.channel_spectral_norms_batch(..., keep=...)`` (the CBE's pruned kernel):
+    these are the values that kernel guarantees exact; its other entries are upper bounds below
+    the ``keep``-th largest value. Equal within ~1e-13 relative.
+    """
+    values = channel_spectral_norms(weight, scale)
+    out = values.size
+    k = out if keep < 1 or keep >= out else int(keep)
+    return np.sort(values)[::-1][:k].copy() if k else values[:0]
 
 
 # ----------------------------------------------------------------------------- top-k

@@ -111,7 +111,8 @@ SPECS: dict[str, list[st.SearchStrategy]] = {
                                st.one_of(st.none(), vec), threads],
     "channel_spectral_norms_batch": [
         st.lists(views(raw_arrays([np.float32, np.float64, np.float16, np.int32], min_dims=1)), max_size=3),
-        st.lists(st.one_of(st.none(), vec), max_size=3), threads],
+        st.lists(st.one_of(st.none(), vec), max_size=3), threads,
+        st.one_of(st.none(), junk, st.lists(st.one_of(st.integers(-(2**70), 2**70), junk), max_size=3))],
     "top_k_energy": [vec, floats_any, st.sampled_from(["ceil", "quantile", "", "CEIL"])],
     "top_k_count": [floats_any, st.integers(-(2**63), 2**63 - 1)],
     "linear_quantile": [vec, floats_any],

@@ -74,11 +74,12 @@ struct Batch {
   std::vector<Contig> arrays;
   std::vector<mars::spectral::LayerView<T>> views;
   std::vector<std::size_t> index;  // position of each layer in the caller's list
+  std::vector<std::int64_t> keep;  // per layer; -1: every value exact
 };
 
 template <typename T>
 void add_layer(Batch<T>& batch, const py::array& weight, const DoubleArray* scale,
-               py::array_t<double>& result, std::size_t i) {
+               py::array_t<double>& result, std::size_t i, std::int64_t keep) {
   typename Batch<T>::Contig w = Batch<T>::Contig::ensure(weight);
   if (!w) throw py::error_already_set();
   std::int64_t cols = 1;
@@ -87,16 +88,41 @@ void add_layer(Batch<T>& batch, const py::array& weight, const DoubleArray* scal
                          scale ? scale->data() : nullptr, result.mutable_data()});
   batch.arrays.push_back(std::move(w));
   batch.index.push_back(i);
+  batch.keep.push_back(keep);
 }
 
 py::list channel_spectral_norms_batch(const py::sequence& weights, const py::sequence& scales,
-                                      int n_threads) {
+                                      int n_threads, const py::object& keep_obj) {
   n_threads = threads_arg(n_threads);
   const std::size_t n = static_cast<std::size_t>(py::len(weights));
   if (static_cast<std::size_t>(py::len(scales)) != n) {
     throw std::invalid_argument("scales must have one entry (an array or None) per weight: " +
                                 std::to_string(n) + " weights, " +
                                 std::to_string(py::len(scales)) + " scales");
+  }
+  std::vector<std::int64_t> keep(n, -1);
+  const bool has_keep = !keep_obj.is_none();
+  if (has_keep) {
+    if (!py::isinstance<py::sequence>(keep_obj) || py::isinstance<py::str>(keep_obj)) {
+      throw py::type_error("keep must be None or a sequence of ints (one per weight)");
+    }
+    const py::sequence ks = keep_obj.cast<py::sequence>();
+    if (static_cast<std::size_t>(py::len(ks)) != n) {
+      throw std::invalid_argument("keep must have one count per weight: " + std::to_string(n) +
+                                  " weights, " + std::to_string(py::len(ks)) + " counts");
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      const py::object k = ks[i];
+      if (!py::isinstance<py::int_>(k) || py::isinstance<py::bool_>(k)) {
+        throw py::type_error("keep[" + std::to_string(i) + "] must be an int, got " +
+                             py::str(py::type::of(k)).cast<std::string>());
+      }
+      try {
+        keep[i] = k.cast<std::int64_t>();
+      } catch (const py::cast_error&) {
+        throw std::invalid_argument("keep[" + std::to_string(i) + "] does not fit in int64");
+      }
+    }
   }
   Batch<float> f32;
   Batch<double> f64;
@@ -133,20 +159,22 @@ py::list channel_spectral_norms_batch(const py::sequence& weights, const py::seq
     results.emplace_back(static_cast<py::ssize_t>(weight.shape(0)));
     const DoubleArray* sp = has_scale[i] ? &scale_arrays[i] : nullptr;
     if (is_f32) {
-      add_layer(f32, weight, sp, results.back(), i);
+      add_layer(f32, weight, sp, results.back(), i, keep[i]);
     } else {
-      add_layer(f64, weight, sp, results.back(), i);
+      add_layer(f64, weight, sp, results.back(), i, keep[i]);
     }
   }
   {
     py::gil_scoped_release release;
     if (!f32.views.empty()) {
       mars::spectral::channel_spectral_norms_batch(f32.views.data(),
-                                                   static_cast<std::int64_t>(f32.views.size()), n_threads);
+                                                   static_cast<std::int64_t>(f32.views.size()), n_threads,
+                                                   has_keep ? f32.keep.data() : nullptr);
     }
     if (!f64.views.empty()) {
       mars::spectral::channel_spectral_norms_batch(f64.views.data(),
-                                                   static_cast<std::int64_t>(f64.views.size()), n_threads);
+                                                   static_cast<std::int64_t>(f64.views.size()), n_threads,
+                                                   has_keep ? f64.keep.data() : nullptr);
     }
   }
   py::list out;
@@ -162,11 +190,13 @@ void register_spectral(py::module_& m) {
         "Largest singular value of every output channel (weight[k] reshaped to (in, prod(kernel))),"
         " times scale[k]. weight: float32/float64 (out, in, *kernel); returns float64 (out,).");
   m.def("channel_spectral_norms_batch", &channel_spectral_norms_batch, py::arg("weights"),
-        py::arg("scales"), py::arg("n_threads") = 0,
+        py::arg("scales"), py::arg("n_threads") = 0, py::arg("keep") = py::none(),
         "channel_spectral_norms of many layers in one call (one parallel region, GIL released): "
         "weights: list of float32/float64 (out, in, *kernel) arrays; scales: list of (out,) "
         "float64 arrays or None. Returns a list of float64 (out,) arrays, bit-identical to one "
-        "call per layer.");
+        "call per layer. keep: None, or one int per weight: only that layer's keep largest values "
+        "are wanted (the CBE); they and every value >= the keep-th largest are exact, the other "
+        "channels may hold an upper bound below the keep-th largest (their eigen-solve skipped).");
 }
 
 }  // namespace mars_bindings

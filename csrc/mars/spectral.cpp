@@ -23,6 +23,9 @@ using simd4::V4;
 // found together (topeig.hpp), one channel per SIMD lane. Lanes never interact, so a channel's
 // result does not depend on the group it falls in (nor on the thread count).
 constexpr int kGroup = 4;
+// Up to kMaxGroups groups (16 channels) go through one eigen-solve, their dependency chains
+// interleaved (topeig::max_eigenvalues<K>).
+constexpr int kMaxGroups = 4;
 // fp64 rows of a channel are staged in blocks of about this many doubles (16 KiB: L1-resident).
 constexpr std::int64_t kBlockDoubles = 2048;
 // Widest column tile of the Gram micro-kernel: kMaxTile accumulators + 2 registers.
@@ -298,13 +301,17 @@ struct Workspace {
   std::vector<V4> buf_storage;  // staged fp64 rows (zero padding columns), 32-byte aligned
   double* buf = nullptr;
   std::vector<double> gacc;   // one channel's Gram, c x c (upper triangle used)
-  std::vector<double> lanes;  // the group's Gram matrices, lane-interleaved (n x n x 4)
-  std::vector<double> lanes2;  // a second group (8 channels per eigen-solve)
-  std::vector<V4> eig, eig2;   // topeig workspace for each group
+  std::vector<double> lanes;  // kMaxGroups groups' Gram matrices, lane-interleaved (n x n x 4 each)
+  std::vector<V4> eig;        // topeig workspace, kMaxGroups groups
   std::int64_t rows = -1, cols = -1;  // the layout the buffers were prepared for
+  // layer_top: a whole layer's Grams (lane-interleaved per group of 4, square),
+  // per-channel prescale, NaN flag and estimate, and channel index lists.
+  std::vector<double> store, sc, est;
+  std::vector<unsigned char> bad;
+  std::vector<std::int64_t> order, todo;
 };
 
-// Writes the (n x n) Gram matrix of channel m into lane `lane` of ws.lanes (both triangles):
+// Writes the (n x n) Gram matrix of channel m into lane `lane` of `lanes` (both triangles):
 // (sM)^T (sM) when cols <= rows (n = cols), else (sM)(sM)^T (n = rows). Sums in fp64, in a fixed
 // order (blocks of rows, then tiles), independent of the lane and of the thread.
 template <typename T>
@@ -386,12 +393,48 @@ inline void prepare(Workspace& ws, std::int64_t rows, std::int64_t cols) {
   ws.buf_storage.assign(static_cast<std::size_t>(staged / 4), simd4::zero());
   ws.buf = reinterpret_cast<double*>(ws.buf_storage.data());
   ws.gacc.assign(static_cast<std::size_t>(by_columns ? n * n : 1), 0.0);
-  ws.lanes.assign(static_cast<std::size_t>(n * n * kGroup), 0.0);
-  ws.lanes2.assign(static_cast<std::size_t>(n * n * kGroup), 0.0);
-  ws.eig.resize(static_cast<std::size_t>(topeig::workspace_vectors(static_cast<int>(n))));
-  ws.eig2.resize(ws.eig.size());
+  ws.lanes.assign(static_cast<std::size_t>(n * n * kGroup * kMaxGroups), 0.0);
+  ws.eig.resize(static_cast<std::size_t>(topeig::workspace_vectors(static_cast<int>(n)) * kMaxGroups));
   ws.rows = rows;
   ws.cols = cols;
+}
+
+// Fills the 4 lanes of `lanes` with the Grams (both triangles) of channels k0 .. k0 + used - 1
+// of the (out, rows, cols) weight w: zero matrices for unused lanes and for channels holding
+// NaN/Inf, which are flagged in bad; sc[l]: the power-of-two prescale of lane l (1 for float32).
+// ws must be prepared for (rows, cols).
+template <typename T>
+void fill_group(const T* w, std::int64_t rows, std::int64_t cols, std::int64_t k0, int used,
+                double* lanes, double* sc, bool* bad, Workspace& ws) {
+  const std::int64_t per_channel = rows * cols;
+  const std::int64_t n = cols <= rows ? cols : rows;
+  for (int l = 0; l < kGroup; ++l) {
+    sc[l] = 1.0;
+    bad[l] = false;
+    bool fill_zero = l >= used;
+    if (!fill_zero) {
+      const T* m = w + (k0 + l) * per_channel;
+      if (std::is_same<T, double>::value) sc[l] = channel_scale(m, per_channel);
+      bad[l] = std::isnan(sc[l]);
+      if (!bad[l]) {
+        gram_into_lane(m, rows, cols, sc[l], lanes, l, ws);
+        // A NaN/Inf input value makes its diagonal entry (a sum of squares) non-finite.
+        double trace = 0.0;
+        for (std::int64_t i = 0; i < n; ++i) trace += lanes[(i * n + i) * kGroup + l];
+        bad[l] = !std::isfinite(trace);
+      }
+      fill_zero = bad[l];
+    }
+    if (fill_zero) {  // a finite placeholder (the zero matrix) for unused and bad lanes
+      for (std::int64_t i = 0; i < n * n; ++i) lanes[i * kGroup + l] = 0.0;
+    }
+  }
+}
+
+// A channel's value from the top eigenvalue of its (prescaled) Gram: sigma times scale[k].
+inline double channel_value(double lambda, double sc, bool bad, const double* scale, std::int64_t k) {
+  const double sigma = bad ? std::numeric_limits<double>::quiet_NaN() : std::sqrt(std::max(lambda, 0.0)) / sc;
+  return scale ? sigma * scale[k] : sigma;
 }
 
 // result[k] for channels k in [begin, end) of the (out, rows, cols) weight w; rows * cols > 0.
@@ -418,64 +461,259 @@ void channel_range(const T* w, std::int64_t rows, std::int64_t cols, const doubl
   }
   prepare(ws, rows, cols);
   const int nn = static_cast<int>(n);
-  // Fills the 4 lanes of `lanes` with the Grams of channels k0 .. k0 + used - 1 (zero matrices
-  // for unused lanes and for channels holding NaN/Inf, which are flagged in bad).
   auto fill = [&](std::int64_t k0, int used, double* lanes, double* sc, bool* bad) {
-    for (int l = 0; l < kGroup; ++l) {
-      sc[l] = 1.0;
-      bad[l] = false;
-      bool fill_zero = l >= used;
-      if (!fill_zero) {
-        const T* m = w + (k0 + l) * per_channel;
-        if (std::is_same<T, double>::value) sc[l] = channel_scale(m, per_channel);
-        bad[l] = std::isnan(sc[l]);
-        if (!bad[l]) {
-          gram_into_lane(m, rows, cols, sc[l], lanes, l, ws);
-          // A NaN/Inf input value makes its diagonal entry (a sum of squares) non-finite.
-          double trace = 0.0;
-          for (std::int64_t i = 0; i < n; ++i) trace += lanes[(i * n + i) * kGroup + l];
-          bad[l] = !std::isfinite(trace);
-        }
-        fill_zero = bad[l];
-      }
-      if (fill_zero) {  // a finite placeholder (the zero matrix) for unused and bad lanes
-        for (std::int64_t i = 0; i < n * n; ++i) lanes[i * kGroup + l] = 0.0;
-      }
-    }
+    fill_group(w, rows, cols, k0, used, lanes, sc, bad, ws);
   };
   auto finish = [&](std::int64_t k0, int used, const double* lambda, const double* sc,
                     const bool* bad) {
-    for (int l = 0; l < used; ++l) {
-      const double sigma = bad[l] ? kNaN : std::sqrt(std::max(lambda[l], 0.0)) / sc[l];
-      result[k0 + l] = scale ? sigma * scale[k0 + l] : sigma;
-    }
+    for (int l = 0; l < used; ++l) result[k0 + l] = channel_value(lambda[l], sc[l], bad[l], scale, k0 + l);
   };
-  // Eight channels per eigen-solve when there are more than four left (two lane groups whose
-  // Laguerre iterations interleave), else four.
+  // Up to kMaxGroups * kGroup channels per eigen-solve (fewer at the end of the range).
+  const std::int64_t gram_size = n * n * kGroup;
+  const std::int64_t work_size = topeig::workspace_vectors(nn);
   for (std::int64_t k0 = begin; k0 < end;) {
     const std::int64_t left = end - k0;
-    double sc[2 * kGroup], lambda[2 * kGroup];
-    bool bad[2 * kGroup];
-    if (left > kGroup) {
-      const int used2 = static_cast<int>(std::min<std::int64_t>(kGroup, left - kGroup));
-      fill(k0, kGroup, ws.lanes.data(), sc, bad);
-      fill(k0 + kGroup, used2, ws.lanes2.data(), sc + kGroup, bad + kGroup);
-      V4 out[2];
-      topeig::max_eigenvalue8(ws.lanes.data(), ws.lanes2.data(), nn, ws.eig.data(), ws.eig2.data(),
-                              out);
-      simd4::store(lambda, out[0]);
-      simd4::store(lambda + kGroup, out[1]);
-      finish(k0, kGroup, lambda, sc, bad);
-      finish(k0 + kGroup, used2, lambda + kGroup, sc + kGroup, bad + kGroup);
-      k0 += kGroup + used2;
-    } else {
-      const int used = static_cast<int>(left);
-      fill(k0, used, ws.lanes.data(), sc, bad);
-      simd4::store(lambda, topeig::max_eigenvalue4(ws.lanes.data(), nn, ws.eig.data()));
-      finish(k0, used, lambda, sc, bad);
-      k0 += used;
+    const int groups = static_cast<int>(std::min<std::int64_t>(kMaxGroups, (left + kGroup - 1) / kGroup));
+    double sc[kMaxGroups * kGroup], lambda[kMaxGroups * kGroup];
+    bool bad[kMaxGroups * kGroup];
+    double* a[kMaxGroups];
+    V4* work[kMaxGroups];
+    int used[kMaxGroups];
+    for (int g = 0; g < groups; ++g) {
+      used[g] = static_cast<int>(std::min<std::int64_t>(kGroup, left - g * kGroup));
+      a[g] = ws.lanes.data() + g * gram_size;
+      work[g] = ws.eig.data() + g * work_size;
+      fill(k0 + g * kGroup, used[g], a[g], sc + g * kGroup, bad + g * kGroup);
+    }
+    V4 out[kMaxGroups];
+    switch (groups) {
+      case 1: topeig::max_eigenvalues<1>(a, nn, work, out); break;
+      case 2: topeig::max_eigenvalues<2>(a, nn, work, out); break;
+      case 3: topeig::max_eigenvalues<3>(a, nn, work, out); break;
+      default: topeig::max_eigenvalues<kMaxGroups>(a, nn, work, out); break;
+    }
+    std::int64_t done = 0;
+    for (int g = 0; g < groups; ++g) {
+      simd4::store(lambda + g * kGroup, out[g]);
+      finish(k0 + g * kGroup, used[g], lambda + g * kGroup, sc + g * kGroup, bad + g * kGroup);
+      done += used[g];
+    }
+    k0 += done;
+  }
+}
+
+// ---------------------------------------------------------------- top values of a layer
+//
+// The CBE keeps only the top values of each layer. layer_top computes every channel's Gram, but
+// the top eigenvalue only where it can matter: (1) the `keep` channels with the largest cheap
+// estimates (a lower bound of lambda: the largest of the diagonal and the Rayleigh quotient of
+// G^1/2 1) get their exact value; T = the smallest of those values, a value that at least `keep`
+// channels reach; (2) every other channel is certified below T by one LDL^T factorisation of
+// t I - G (topeig::certify_below, t = the channel's T in Gram units, less a 1e-9 margin that
+// dwarfs the factorisation's rounding); (3) channels that cannot be certified get their exact
+// value too. A certified channel's value (computed or not) lies below T <= the keep-th largest
+// value, so the layer's `keep` largest values, and every value >= the keep-th largest, are the
+// exact ones, bit for bit; certified channels hold T * sqrt(1 - margin), an upper bound of their
+// value that stays below T.
+constexpr int kMaxPruneOrder = 16;     // Gram orders 3..16 (3x3 kernels: 9) are pruned
+constexpr double kPruneMargin = 1e-9;  // relative, on lambda
+constexpr std::int64_t kPruneSpread = 16;
+
+template <typename T>
+void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
+  const std::int64_t rows = L.rows, cols = L.cols, out = L.out;
+  const std::int64_t n = cols <= rows ? cols : rows;
+  const int nn = static_cast<int>(n);
+  prepare(ws, rows, cols);
+  const std::int64_t sq = n * n * kGroup;  // one group's Grams, square layout
+  const std::int64_t groups = (out + kGroup - 1) / kGroup;
+  const std::int64_t padded = groups * kGroup;
+  ws.store.resize(static_cast<std::size_t>(groups * sq));
+  ws.sc.resize(static_cast<std::size_t>(padded));
+  ws.est.resize(static_cast<std::size_t>(padded));
+  ws.bad.resize(static_cast<std::size_t>(padded));
+  double* lanes = ws.lanes.data();
+  // 1. Grams, straight into the store; estimates.
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const std::int64_t k0 = g * kGroup;
+    const int used = static_cast<int>(std::min<std::int64_t>(kGroup, out - k0));
+    bool bad[kGroup];
+    double* gram = ws.store.data() + g * sq;
+    fill_group(L.weight, rows, cols, k0, used, gram, ws.sc.data() + k0, bad, ws);
+    V4 maxdiag = simd4::zero(), total = simd4::zero(), rowsq = simd4::zero();
+    for (int i = 0; i < nn; ++i) {  // row i of the full matrix: its lower part, then column i
+      const double* row = gram + static_cast<std::int64_t>(i) * n * kGroup;
+      V4 rowsum = simd4::zero();
+      for (int j = 0; j <= i; ++j) rowsum = rowsum + simd4::load(row + j * kGroup);
+      for (int j = i + 1; j < nn; ++j) rowsum = rowsum + simd4::load(gram + (static_cast<std::int64_t>(j) * n + i) * kGroup);
+      maxdiag = simd4::max(maxdiag, simd4::load(row + i * kGroup));
+      total = total + rowsum;
+      rowsq = simd4::fmadd(rowsum, rowsum, rowsq);
+    }
+    double md[kGroup], tt[kGroup], rq[kGroup];
+    simd4::store(md, maxdiag);
+    simd4::store(tt, total);
+    simd4::store(rq, rowsq);
+    for (int l = 0; l < kGroup; ++l) {
+      ws.bad[k0 + l] = bad[l];
+      // 1^T G^2 1 / 1^T G 1 = x^T G x / x^T x for x = G^1/2 1: a Rayleigh quotient, <= lambda.
+      const double rayleigh = tt[l] > 0.0 ? rq[l] / tt[l] : 0.0;
+      ws.est[k0 + l] = std::max(md[l], rayleigh);
     }
   }
+  const double* scale = L.scale;
+  // Exact values of the channels idx[0..count): Grams gathered from the store into lane groups,
+  // up to kMaxGroups * kGroup per eigen-solve.
+  const std::int64_t work_size = topeig::workspace_vectors(nn);
+  const std::int64_t gram_size = n * n * kGroup;
+  // (from the store's lower triangle: certify_below uses the upper one as scratch)
+  auto gather = [&](std::int64_t k, double* a, int lane) {
+    const double* src = ws.store.data() + (k / kGroup) * sq + (k % kGroup);
+    for (int i = 0; i < nn; ++i) {
+      for (int j = 0; j <= i; ++j) {
+        const double v = src[(static_cast<std::int64_t>(i) * n + j) * kGroup];
+        a[(static_cast<std::int64_t>(i) * n + j) * kGroup + lane] = v;
+        a[(static_cast<std::int64_t>(j) * n + i) * kGroup + lane] = v;
+      }
+    }
+  };
+  auto solve = [&](const std::int64_t* idx, std::int64_t count) {
+    for (std::int64_t b = 0; b < count;) {
+      const std::int64_t batch = std::min<std::int64_t>(count - b, kMaxGroups * kGroup);
+      const int ng = static_cast<int>((batch + kGroup - 1) / kGroup);
+      double* a[kMaxGroups];
+      V4* work[kMaxGroups];
+      for (int g = 0; g < ng; ++g) {
+        a[g] = lanes + g * gram_size;
+        work[g] = ws.eig.data() + g * work_size;
+        for (int l = 0; l < kGroup; ++l) {
+          const std::int64_t q = g * kGroup + l;
+          if (q < batch) {
+            gather(idx[b + q], a[g], l);
+          } else {  // an unused lane: the zero matrix
+            for (std::int64_t e = 0; e < n * n; ++e) a[g][e * kGroup + l] = 0.0;
+          }
+        }
+      }
+      V4 vals[kMaxGroups];
+      switch (ng) {
+        case 1: topeig::max_eigenvalues<1>(a, nn, work, vals); break;
+        case 2: topeig::max_eigenvalues<2>(a, nn, work, vals); break;
+        case 3: topeig::max_eigenvalues<3>(a, nn, work, vals); break;
+        default: topeig::max_eigenvalues<kMaxGroups>(a, nn, work, vals); break;
+      }
+      double lambda[kMaxGroups * kGroup];
+      for (int g = 0; g < ng; ++g) simd4::store(lambda + g * kGroup, vals[g]);
+      for (std::int64_t q = 0; q < batch; ++q) {
+        const std::int64_t k = idx[b + q];
+        L.result[k] = channel_value(lambda[q], ws.sc[k], false, scale, k);
+      }
+      b += batch;
+    }
+  };
+  // 2. Channel kinds: NaN channels are NaN; a negative scale reverses the order of its value and
+  // lambda, so such a channel is always computed; the others compete for the top on their
+  // estimated value (est becomes that estimate).
+  enum : unsigned char { kOther = 0, kBad = 1, kExact = 2 };
+  unsigned char* kind = ws.bad.data();  // reused: 1 = NaN channel (from step 1)
+  std::vector<std::int64_t>& order = ws.order;
+  std::vector<std::int64_t>& todo = ws.todo;
+  order.clear();
+  todo.clear();
+  for (std::int64_t k = 0; k < out; ++k) {
+    if (kind[k]) {
+      L.result[k] = std::numeric_limits<double>::quiet_NaN();
+      kind[k] = kBad;
+    } else if (scale && !(scale[k] >= 0.0)) {
+      todo.push_back(k);
+      kind[k] = kExact;
+    } else {
+      const double sigma = std::sqrt(std::max(ws.est[k], 0.0)) / ws.sc[k];
+      ws.est[k] = scale ? sigma * scale[k] : sigma;
+      order.push_back(k);
+    }
+  }
+  for (std::int64_t k = out; k < padded; ++k) kind[k] = kBad;  // padding lanes
+  if (static_cast<std::int64_t>(order.size()) <= keep) {
+    todo.insert(todo.end(), order.begin(), order.end());
+    solve(todo.data(), static_cast<std::int64_t>(todo.size()));
+    return;
+  }
+  // The `keep` largest estimates (ties: the lower index first, so that the choice is fixed).
+  const double* est = ws.est.data();
+  std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(),
+                   [est](std::int64_t x, std::int64_t y) { return est[x] > est[y] || (est[x] == est[y] && x < y); });
+  solve(order.data(), keep);
+  double t_value = std::numeric_limits<double>::infinity();
+  for (std::int64_t q = 0; q < keep; ++q) {
+    t_value = std::min(t_value, L.result[order[q]]);
+    kind[order[q]] = kExact;
+  }
+  if (!(t_value > 0.0) || !std::isfinite(t_value)) {  // NaN, 0 or Inf: no certificate
+    todo.insert(todo.end(), order.begin() + keep, order.end());
+    solve(todo.data(), static_cast<std::int64_t>(todo.size()));
+    return;
+  }
+  // 3. Certify the others below T, two stored groups of four at a time.
+  const double bound = t_value * std::sqrt(1.0 - kPruneMargin);
+  auto has_other = [&](std::int64_t g) {
+    const std::int64_t k0 = g * kGroup;
+    return kind[k0] == kOther || kind[k0 + 1] == kOther || kind[k0 + 2] == kOther || kind[k0 + 3] == kOther;
+  };
+  constexpr int kPair = 2;
+  std::int64_t pending[kPair];
+  int np = 0;
+  auto certify = [&]() {
+    double* a[kPair];
+    V4* r[kPair];
+    V4 tv[kPair];
+    double t[kPair][kGroup];
+    for (int q = 0; q < np; ++q) {
+      const std::int64_t k0 = pending[q] * kGroup;
+      a[q] = ws.store.data() + pending[q] * sq;
+      r[q] = ws.eig.data() + q * n;
+      for (int l = 0; l < kGroup; ++l) {
+        const std::int64_t k = k0 + l;
+        t[q][l] = 1.0;  // any finite value for lanes that are not certified
+        if (kind[k] == kOther) {
+          // value < T  <=>  lambda < (T * sc / scale)^2 (lambda of the prescaled Gram)
+          const double limit = scale ? t_value * ws.sc[k] / scale[k] : t_value * ws.sc[k];
+          t[q][l] = limit * limit * (1.0 - kPruneMargin);  // +Inf for a zero scale
+        }
+      }
+      tv[q] = simd4::load(t[q]);
+    }
+    // (reads the groups' lower triangles, writes their upper ones: the Grams stay for solve)
+    simd4::M4 ok[kPair];
+    if (np == kPair) {
+      topeig::certify_below<kPair>(a, nn, tv, r, ok);
+    } else {
+      topeig::certify_below<1>(a, nn, tv, r, ok);
+    }
+    for (int q = 0; q < np; ++q) {
+      double okl[kGroup];
+      simd4::store(okl, simd4::select(ok[q], simd4::splat(1.0), simd4::zero()));
+      for (int l = 0; l < kGroup; ++l) {
+        const std::int64_t k = pending[q] * kGroup + l;
+        if (kind[k] != kOther) continue;
+        if (scale && scale[k] == 0.0) {
+          L.result[k] = 0.0 * scale[k];  // sigma (finite, >= 0) times a zero scale, sign included
+        } else if (okl[l] == 1.0 && std::isfinite(t[q][l])) {
+          L.result[k] = bound;
+        } else {
+          todo.push_back(k);
+        }
+      }
+    }
+    np = 0;
+  };
+  for (std::int64_t g = 0; g < groups; ++g) {
+    if (!has_other(g)) continue;
+    pending[np++] = g;
+    if (np == kPair) certify();
+  }
+  if (np > 0) certify();
+  solve(todo.data(), static_cast<std::int64_t>(todo.size()));
 }
 
 template <typename T>
@@ -500,15 +738,34 @@ void spectral_impl(const T* w, std::int64_t out, std::int64_t rows, std::int64_t
 constexpr std::int64_t kTaskElems = 1 << 16;
 
 template <typename T>
-void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int n_threads) {
+void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int n_threads,
+                         const std::int64_t* keep) {
   struct Task {
-    std::int64_t layer, begin, end;
+    std::int64_t layer, begin, end, work;
+    bool top;  // a whole layer through layer_top
   };
   std::vector<Task> tasks;
   std::int64_t total = 0;
   for (std::int64_t i = 0; i < n_layers; ++i) total += layers[i].out * layers[i].rows * layers[i].cols;
   const int threads = parallel::resolve_threads(n_threads);
   const std::int64_t target = std::max<std::int64_t>(kTaskElems, total / (64 * threads));
+  // layer_top takes a whole layer per task: only used when the prunable layers hold at least
+  // kPruneSpread times the largest one's work (a round of many models, not one model), so that
+  // whole layers spread over the threads. The rule does not depend on the thread count: the
+  // values (bounds included) are the same for any number of threads.
+  auto prunable = [&](std::int64_t i) {
+    const LayerView<T>& L = layers[i];
+    const std::int64_t n = std::min(L.rows, L.cols);
+    return keep != nullptr && keep[i] >= 1 && keep[i] < L.out && n >= 3 && n <= kMaxPruneOrder;
+  };
+  std::int64_t prune_work = 0, prune_max = 0;
+  for (std::int64_t i = 0; i < n_layers; ++i) {
+    if (!prunable(i)) continue;
+    const std::int64_t w = layers[i].out * layers[i].rows * layers[i].cols;
+    prune_work += w;
+    prune_max = std::max(prune_max, w);
+  }
+  const bool prune = prune_max > 0 && prune_work >= kPruneSpread * prune_max;
   for (std::int64_t i = 0; i < n_layers; ++i) {
     const LayerView<T>& L = layers[i];
     if (L.out <= 0) continue;
@@ -517,18 +774,34 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
       std::fill(L.result, L.result + L.out, 0.0);
       continue;
     }
+    if (prune && prunable(i)) {
+      tasks.push_back({i, 0, L.out, L.out * per_channel, true});
+      continue;
+    }
     std::int64_t step = std::max<std::int64_t>(1, target / per_channel);
     step = (step + kGroup - 1) / kGroup * kGroup;
-    for (std::int64_t b = 0; b < L.out; b += step) tasks.push_back({i, b, std::min(L.out, b + step)});
+    for (std::int64_t b = 0; b < L.out; b += step) {
+      const std::int64_t e = std::min(L.out, b + step);
+      tasks.push_back({i, b, e, (e - b) * per_channel, false});
+    }
+  }
+  // Largest tasks first (whole layers vary in size); a stable order, so the schedule is fixed.
+  if (prune) {
+    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.work > y.work; });
   }
   // Tasks are handed out dynamically (a thread that the machine slows down takes fewer); each
   // computes its channels from their weights alone, so the values do not depend on the schedule.
   const std::int64_t n_tasks = static_cast<std::int64_t>(tasks.size());
   std::vector<Workspace> ws(static_cast<std::size_t>(threads));
   parallel::parallel_tasks(n_tasks, threads, [&](int thread, std::int64_t t) {
-    const LayerView<T>& L = layers[tasks[t].layer];
-    channel_range(L.weight, L.rows, L.cols, L.scale, L.result, tasks[t].begin, tasks[t].end,
-                  ws[static_cast<std::size_t>(thread)]);
+    const Task& task = tasks[t];
+    const LayerView<T>& L = layers[task.layer];
+    Workspace& w = ws[static_cast<std::size_t>(thread)];
+    if (task.top) {
+      layer_top(L, keep[task.layer], w);
+    } else {
+      channel_range(L.weight, L.rows, L.cols, L.scale, L.result, task.begin, task.end, w);
+    }
   });
 }
 
@@ -547,13 +820,13 @@ void channel_spectral_norms(const double* weight, std::int64_t out, std::int64_t
 }
 
 void channel_spectral_norms_batch(const LayerView<float>* layers, std::int64_t n_layers,
-                                  int n_threads) {
-  spectral_batch_impl(layers, n_layers, n_threads);
+                                  int n_threads, const std::int64_t* keep) {
+  spectral_batch_impl(layers, n_layers, n_threads, keep);
 }
 
 void channel_spectral_norms_batch(const LayerView<double>* layers, std::int64_t n_layers,
-                                  int n_threads) {
-  spectral_batch_impl(layers, n_layers, n_threads);
+                                  int n_threads, const std::int64_t* keep) {
+  spectral_batch_impl(layers, n_layers, n_threads, keep);
 }
 
 }  // namespace spectral

@@ -45,10 +45,20 @@ struct LayerView {
 // channel_spectral_norms for every layer of the list, in one parallel region (tasks of about
 // equal work spread over the threads): the per-call overhead is paid once for a whole model.
 // Results are bit-identical to one channel_spectral_norms call per layer.
+//
+// keep (optional, one count per layer; < 1 or >= out: every value exact): only the layer's
+// `keep` largest values are wanted (the CBE). The channels that can be among them, and every
+// channel whose value is >= the keep-th largest, get their exact value, bit-identical to the
+// full computation; the eigen-solves of the others are skipped once an LDL^T factorisation
+// certifies their value below the keep-th largest (they then hold an upper bound of their
+// value that stays below it). So any top-k or quantile rule that reads only the keep largest
+// values gives the same bits. Applied to layers whose Gram order is 3..16 when such layers hold
+// at least 16 times the largest one's work (a round of many models: whole layers then spread
+// over the threads); otherwise every value is exact. The result does not depend on n_threads.
 void channel_spectral_norms_batch(const LayerView<float>* layers, std::int64_t n_layers,
-                                  int n_threads);
+                                  int n_threads, const std::int64_t* keep = nullptr);
 void channel_spectral_norms_batch(const LayerView<double>* layers, std::int64_t n_layers,
-                                  int n_threads);
+                                  int n_threads, const std::int64_t* keep = nullptr);
 
 }  // namespace spectral
 }  // namespace mars

@@ -28,6 +28,10 @@ constexpr int kGroup = 4;
 constexpr int kMaxGroups = 4;
 // fp64 rows of a channel are staged in blocks of about this many doubles (16 KiB: L1-resident).
 constexpr std::int64_t kBlockDoubles = 2048;
+// The float32 3x3 pass prefetches this many bytes ahead of the row it reads, every row (a
+// steady stream of requests: measured 8-10% faster per row than prefetching the next block in
+// a burst, on the 2-core AMD EPYC, data in DRAM; prefetching past the end is harmless).
+constexpr std::int64_t kPrefetchAhead = 4096;
 // Widest column tile of the Gram micro-kernel: kMaxTile accumulators + 2 registers.
 constexpr int kMaxTile = 10;
 
@@ -162,16 +166,15 @@ inline void gram_tile(const double* buf, std::int64_t nb, std::int64_t ldb, int 
 // the second pass, gram_tile<4>) and, from the same registers, accumulates G[0..7][4..8] and
 // G[8][8] (11 accumulators). Fusing the conversion with the widest part of the Gram saves a
 // pass over the staged rows.
-inline void gram9_stage(const float* m, std::int64_t nb, double* buf, double* gacc,
-                        const char* pf, std::int64_t pf_lines) {
+inline void gram9_stage(const float* m, std::int64_t nb, double* buf, double* gacc) {
   constexpr std::int64_t ldb = 12;
   // Named accumulators (not an array) so that all eleven stay in registers across the loop.
   __m256d a04 = _mm256_setzero_pd(), a05 = a04, a06 = a04, a07 = a04, a08 = a04;
   __m256d a44 = a04, a45 = a04, a46 = a04, a47 = a04, a48 = a04;
   double a88 = 0.0;
   for (std::int64_t b = 0; b < nb; ++b) {
-    if (b < pf_lines) prefetch(pf + b * 64);  // one line per row: 9 floats per row < 64 bytes
     const float* row = m + b * 9;
+    prefetch(reinterpret_cast<const char*>(row) + kPrefetchAhead);
     double* dst = buf + b * ldb;
     const __m256d x0 = _mm256_cvtps_pd(_mm_loadu_ps(row));
     const __m256d x1 = _mm256_cvtps_pd(_mm_loadu_ps(row + 4));
@@ -333,7 +336,7 @@ void gram_into_lane(const T* m, std::int64_t rows, std::int64_t cols, double s, 
 #if defined(MARS_SIMD4_AVX2)
       if constexpr (std::is_same<T, float>::value) {
         if (c == 9) {  // 3x3 kernels: G[0..7][4..8] and G[8][8] while staging, then G[0..3][0..3]
-          gram9_stage(m + r0 * c, nb, ws.buf, gacc, next, next_lines);
+          gram9_stage(m + r0 * c, nb, ws.buf, gacc);
           gram_sym4(ws.buf, nb, ldb, gacc, c);
           continue;
         }

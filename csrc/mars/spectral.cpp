@@ -674,7 +674,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
     for (int q = 0; q < np; ++q) {
       const std::int64_t k0 = pending[q] * kGroup;
       a[q] = ws.store.data() + pending[q] * sq;
-      r[q] = ws.eig.data() + q * n;
+      r[q] = ws.eig.data() + q * 2 * n;
       for (int l = 0; l < kGroup; ++l) {
         const std::int64_t k = k0 + l;
         t[q][l] = 1.0;  // any finite value for lanes that are not certified
@@ -688,7 +688,9 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
     }
     // (reads the groups' lower triangles, writes their upper ones: the Grams stay for solve)
     simd4::M4 ok[kPair];
-    if (np == kPair) {
+    if (np == kPair && nn == 9) {  // 3x3 kernels: the order known at compile time
+      topeig::certify_below<kPair, 9>(a, nn, tv, r, ok);
+    } else if (np == kPair) {
       topeig::certify_below<kPair>(a, nn, tv, r, ok);
     } else {
       topeig::certify_below<1>(a, nn, tv, r, ok);

@@ -231,32 +231,36 @@ inline void max_eigenvalues(double* const* a, int n, V4* const* work, V4* out) {
 // lambda_max(A) < t (1 + 2 n (n + 1) u): a caller that needs lambda_max(A) < T passes
 // t = T (1 - margin) with margin >> 2 n (n + 1) u (3e-14 for n = 16). Lanes never interact; NaN
 // or t <= 0 makes a lane false. The strictly upper triangle of `a` is the factorisation's
-// scratch (overwritten). r[g]: n V4 of workspace per group.
+// scratch (overwritten). r[g]: 2n V4 of workspace per group.
 //
 // K groups of four at once (a[g], t[g], r[g], ok[g]), their dependency chains (one division per
 // column) interleaved; a lane's answer does not depend on K.
-template <int K>
-inline void certify_below(double* const* a, int n, const V4* t, V4* const* r, M4* ok) {
+template <int K, int N = 0>
+inline void certify_below(double* const* a, int n_runtime, const V4* t, V4* const* r, M4* ok) {
   using namespace simd4;
+  const int n = N > 0 ? N : n_runtime;  // N > 0: the order known at compile time (loops unrolled)
   auto at = [a, n](int g, int i, int j) { return a[g] + (static_cast<std::int64_t>(i) * n + j) * 4; };
   for (int g = 0; g < K; ++g) ok[g] = t[g] > zero();
   // Column by column: c_ij = l_ij d_j (i > j) goes to entry (j, i) and r[j] = 1 / d_j, with
-  // d_j = b_jj - sum_k c_jk^2 r_k and c_ij = b_ij - sum_k c_ik c_jk r_k (k < j; b_ij = -a_ij
-  // off the diagonal, b_jj = t - a_jj).
+  // y_k = c_jk r_k, d_j = b_jj - sum_k c_jk y_k and c_ij = b_ij - sum_k c_ik y_k (k < j;
+  // b_ij = -a_ij off the diagonal, b_jj = t - a_jj). y lives in r[g][n .. 2n).
   for (int j = 0; j < n; ++j) {
     for (int g = 0; g < K; ++g) {
+      V4* y = r[g] + n;
       V4 dj = t[g] - load(at(g, j, j));
       for (int k = 0; k < j; ++k) {
         const V4 cjk = load(at(g, k, j));
-        dj = fnmadd(cjk * r[g][k], cjk, dj);
+        y[k] = cjk * r[g][k];
+        dj = fnmadd(cjk, y[k], dj);
       }
       ok[g] = ok[g] & (dj > zero());
       r[g][j] = splat(1.0) / dj;
     }
     for (int i = j + 1; i < n; ++i) {
       for (int g = 0; g < K; ++g) {
+        const V4* y = r[g] + n;
         V4 cij = zero() - load(at(g, i, j));
-        for (int k = 0; k < j; ++k) cij = fnmadd(load(at(g, k, i)), load(at(g, k, j)) * r[g][k], cij);
+        for (int k = 0; k < j; ++k) cij = fnmadd(load(at(g, k, i)), y[k], cij);
         simd4::store(at(g, j, i), cij);
       }
     }

@@ -26,6 +26,7 @@ from mars_native._arrays import is_mapping, to_numpy
 from mars_native._native import wasserstein_1d
 from mars_native.cluster import KWMeans
 from mars_native.energy import (
+    _layer_inputs_batch,
     backdoor_energy,
     concentrate,
     layer_inputs,
@@ -361,19 +362,29 @@ class MARS:
         one native call (the threads share the round's work); the same values, bit for bit.
         ``layouts``: the states' ``state_template`` (None entries: not known)."""
         results: list[tuple[np.ndarray | None, str | None]] = []
-        scored: list[tuple[int, list[Layer]]] = []
-        inputs = []
+        checked: list[tuple[int, list[Layer]]] = []
         for i, state in enumerate(states):
             layout = layouts[i] if layouts is not None else None
             layers, reason = self._host_checks(state, template, reference, layout)
             if reason is None:
+                checked.append((i, layers))
+            results.append((None, reason))
+        # The kernel inputs of every checked client at once (BN scales in one vectorised pass);
+        # if any client's inputs are refused, client by client, so that each says why.
+        scored: list[tuple[int, list[Layer]]] = []
+        inputs = []
+        try:
+            inputs = _layer_inputs_batch([states[i] for i, _ in checked], [la for _, la in checked],
+                                         self.bn_eps, self.mode)
+            scored = checked
+        except (TypeError, ValueError, KeyError):
+            for i, layers in checked:
                 try:
-                    inputs.append(layer_inputs(state, layers, self.bn_eps, self.mode))
+                    inputs.append(layer_inputs(states[i], layers, self.bn_eps, self.mode))
                 except (TypeError, ValueError) as exc:
-                    reason = _input_reason(exc)
+                    results[i] = (None, _input_reason(exc))
                 else:
                     scored.append((i, layers))
-            results.append((None, reason))
         if not scored:
             return results
         try:

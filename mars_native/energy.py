@@ -48,19 +48,28 @@ def _bn_scales(
 ) -> list[np.ndarray]:
     """:func:`bn_scale` of several BatchNorms of one model, computed in one vectorised pass over
     their concatenated parameters (the same values, element for element)."""
+    return _bn_scales_many([(state_dict, bn_prefixes)], bn_eps, mode)[0]
+
+
+def _bn_scales_many(
+    groups: Sequence[tuple[Mapping[str, Any], Sequence[str]]], bn_eps: float, mode: Mode
+) -> list[list[np.ndarray]]:
+    """:func:`_bn_scales` of several models (``(state_dict, bn_prefixes)`` each), all in one
+    vectorised pass: one list of scales per model, the same values element for element."""
     variances, gammas = [], []
-    for bn_prefix in bn_prefixes:
-        prefix = f"{bn_prefix}." if bn_prefix else ""
-        var = to_numpy(state_dict[prefix + "running_var"], name=prefix + "running_var").reshape(-1)
-        gkey = prefix + "weight"
-        gamma = to_numpy(state_dict[gkey], name=gkey).reshape(-1) if gkey in state_dict else np.ones(var.size)
-        if gamma.size != var.size:
-            raise ValueError(f"BatchNorm {bn_prefix!r}: weight has {gamma.size} values but running_var "
-                             f"has {var.size}")
-        variances.append(var)
-        gammas.append(gamma)
+    for state_dict, bn_prefixes in groups:
+        for bn_prefix in bn_prefixes:
+            prefix = f"{bn_prefix}." if bn_prefix else ""
+            var = to_numpy(state_dict[prefix + "running_var"], name=prefix + "running_var").reshape(-1)
+            gkey = prefix + "weight"
+            gamma = to_numpy(state_dict[gkey], name=gkey).reshape(-1) if gkey in state_dict else np.ones(var.size)
+            if gamma.size != var.size:
+                raise ValueError(f"BatchNorm {bn_prefix!r}: weight has {gamma.size} values but "
+                                 f"running_var has {var.size}")
+            variances.append(var)
+            gammas.append(gamma)
     if not variances:
-        return []
+        return [[] for _ in groups]
     var = np.concatenate(variances, dtype=np.float64, casting="same_kind")
     if mode == "official":
         var[np.isnan(var)] = 0.0
@@ -70,10 +79,16 @@ def _bn_scales(
     np.sqrt(var, out=var)
     with np.errstate(over="ignore"):  # an overflow gives inf, which callers reject by name
         scale = np.divide(gamma, var, out=gamma)
-    out, start = [], 0
-    for v in variances:
-        out.append(scale[start:start + v.size])
-        start += v.size
+    out: list[list[np.ndarray]] = []
+    start, index = 0, 0
+    for _, bn_prefixes in groups:
+        model = []
+        for _ in bn_prefixes:
+            size = variances[index].size
+            model.append(scale[start:start + size])
+            start += size
+            index += 1
+        out.append(model)
     return out
 
 
@@ -140,21 +155,54 @@ def layer_inputs(
     Raises ``TypeError`` for a non-float weight and ``ValueError`` naming the BN when its scale
     is not finite (e.g. ``|gamma|`` near the float64 maximum).
     """
+    return _layer_inputs_many([state_dict], [layers], bn_eps, mode)[0]
+
+
+def _scored_weights(state_dict: Mapping[str, Any], layers: Sequence[Layer]) -> list[np.ndarray]:
     weights: list[np.ndarray] = []
     for layer in layers:
         weight = as_float_array(state_dict[layer.weight_key], name=layer.weight_key)
         if layer.kind == "linear":
             weight = weight.reshape(weight.shape[0], weight.shape[1], 1)
         weights.append(weight)
-    with_bn = [layer for layer in layers if layer.bn_prefix is not None]
-    bn = iter(_bn_scales(state_dict, [layer.bn_prefix for layer in with_bn], bn_eps, mode))  # type: ignore[misc]
-    scales = [next(bn) if layer.bn_prefix is not None else None for layer in layers]
+    return weights
+
+
+def _layer_inputs_many(
+    states: Sequence[Mapping[str, Any]], layers: Sequence[Sequence[Layer]], bn_eps: float, mode: Mode
+) -> list[tuple[list[np.ndarray], list[np.ndarray | None]]]:
+    """:func:`layer_inputs` of several host models (``layers[i]`` for ``states[i]``), the BN
+    scales of all of them in one vectorised pass; the same arrays, value for value. An error is
+    the one the first failing model raises on its own (the models are then taken one by one)."""
+    if len(states) > 1:
+        try:
+            return _layer_inputs_batch(states, layers, bn_eps, mode)
+        except (TypeError, ValueError, KeyError):
+            pass  # let the first failing model say why, as layer_inputs would
+        return [_layer_inputs_batch([s], [found], bn_eps, mode)[0] for s, found in zip(states, layers)]
+    return _layer_inputs_batch(states, layers, bn_eps, mode)
+
+
+def _layer_inputs_batch(
+    states: Sequence[Mapping[str, Any]], layers: Sequence[Sequence[Layer]], bn_eps: float, mode: Mode
+) -> list[tuple[list[np.ndarray], list[np.ndarray | None]]]:
+    weights = [_scored_weights(state, found) for state, found in zip(states, layers)]
+    groups = [(state, [layer.bn_prefix for layer in found if layer.bn_prefix is not None])
+              for state, found in zip(states, layers)]
+    bn_scales = _bn_scales_many(groups, bn_eps, mode)  # type: ignore[arg-type]
+    out = []
+    for found, w, model_scales in zip(layers, weights, bn_scales):
+        bn = iter(model_scales)
+        out.append((w, [next(bn) if layer.bn_prefix is not None else None for layer in found]))
     # (The scales are views of one array: one finiteness test for all of them.)
-    if with_bn and not np.isfinite(np.concatenate([sc for sc in scales if sc is not None])).all():
-        layer = next(la for la, sc in zip(layers, scales) if sc is not None and not np.isfinite(sc).all())
-        raise ValueError(f"BatchNorm {layer.bn_prefix!r} of {layer.weight_key!r} has a non-finite "
-                         "scale |gamma| / sqrt(var + eps)")
-    return weights, scales
+    flat = [sc for _, scales in out for sc in scales if sc is not None]
+    if flat and not np.isfinite(np.concatenate(flat)).all():
+        for found, (_, scales) in zip(layers, out):
+            for layer, sc in zip(found, scales):
+                if sc is not None and not np.isfinite(sc).all():
+                    raise ValueError(f"BatchNorm {layer.bn_prefix!r} of {layer.weight_key!r} has a "
+                                     "non-finite scale |gamma| / sqrt(var + eps)")
+    return out
 
 
 def _energies_many(
@@ -167,8 +215,7 @@ def _energies_many(
 ) -> list[dict[str, np.ndarray]]:
     """BE of the host models ``states[i]`` (scored layers ``layers[i]``) in one native call
     (``kappa``: only for the CBE, see :func:`score_inputs`)."""
-    inputs = [layer_inputs(state, found, bn_eps, mode) for state, found in zip(states, layers)]
-    return score_inputs(inputs, layers, n_threads, kappa=kappa)
+    return score_inputs(_layer_inputs_many(states, layers, bn_eps, mode), layers, n_threads, kappa=kappa)
 
 
 def cbe_keep(out: int, kappa: float) -> int:

@@ -155,3 +155,50 @@ def test_many_models_errors_name_the_model():
     bad["bn1.running_var"] = np.zeros_like(bad["bn1.running_var"])  # 1e308 / sqrt(1e-5) = inf
     with pytest.raises(ValueError, match="BatchNorm 'bn1' of 'conv1.weight' has a non-finite scale"):
         backdoor_energies([states[0], bad])
+
+
+def test_layer_inputs_of_many_models_equal_one_model_at_a_time():
+    from mars_native.energy import _layer_inputs_many, layer_inputs
+    from mars_native.layers import find_layers
+
+    states = _clients(3)
+    found = [find_layers(s) for s in states]
+    for mode in ("paper", "official"):
+        many = _layer_inputs_many(states, found, 1e-5, mode)
+        for state, layers, (weights, scales) in zip(states, found, many):
+            one_w, one_s = layer_inputs(state, layers, 1e-5, mode)
+            assert all(a is b for a, b in zip(weights, one_w))  # the same arrays (no copies)
+            for a, b in zip(scales, one_s):
+                assert (a is None and b is None) or np.array_equal(a, b)
+
+
+def test_layer_inputs_of_many_models_raise_for_the_first_failing_model():
+    from mars_native.energy import _layer_inputs_many
+    from mars_native.layers import find_layers
+
+    states = _clients(3)
+    found = [find_layers(s) for s in states]
+    huge = dict(states[1])
+    huge["bn2.weight"] = np.full_like(huge["bn2.weight"], 1e308, dtype=np.float64)
+    huge["bn2.running_var"] = np.zeros_like(huge["bn2.running_var"])
+    ints = dict(states[2])
+    ints["conv1.weight"] = ints["conv1.weight"].astype(np.int32)
+    with pytest.raises(ValueError, match="BatchNorm 'bn2' of 'conv2.weight'"):
+        _layer_inputs_many([states[0], huge, ints], found, 1e-5, "paper")
+    with pytest.raises(TypeError, match="conv1.weight"):
+        _layer_inputs_many([states[0], ints, huge], found, 1e-5, "paper")
+
+
+def test_mars_rejects_only_the_client_whose_bn_scale_overflows():
+    import mars_native as mn
+
+    wide = [{k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in s.items()} for s in _clients(3)]
+    states = wide * 2
+    bad = dict(states[4])
+    bad["bn1.weight"] = np.full_like(bad["bn1.weight"], 1e308)
+    bad["bn1.running_var"] = np.zeros_like(bad["bn1.running_var"])  # 1e308 / sqrt(1e-5) = inf
+    states[4] = bad
+    report = mn.MARS(kappa=0.1).detect(states)
+    assert report.reasons[4] is not None and "non-finite scale" in report.reasons[4]
+    assert all(report.reasons[i] is None for i in (0, 1, 2, 3, 5)), report.reasons
+    assert np.isfinite(report.cbe[[0, 1, 2, 3, 5]]).all()

@@ -173,7 +173,7 @@ def test_cbe_keep_covers_both_rules(kappa):
 
 @pytest.fixture(scope="module")
 def cnn_clients():
-    from mars_native.bench import models as bm  # noqa: PLC0415 (needs torch)
+    from mars_native.bench import models as bm  # (needs torch)
 
     base = bm.base_state(bm.build_model("cnn", seed=0))
     states, _ = bm.make_clients(base, 8, seed=0)

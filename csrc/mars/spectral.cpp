@@ -402,6 +402,16 @@ inline void prepare(Workspace& ws, std::int64_t rows, std::int64_t cols) {
   ws.cols = cols;
 }
 
+// topeig::max_eigenvalues<K> for a run-time number of groups (1..kMaxGroups).
+inline void max_eigenvalues_of_groups(int groups, double* const* a, int n, V4* const* work, V4* out) {
+  switch (groups) {
+    case 1: topeig::max_eigenvalues<1>(a, n, work, out); break;
+    case 2: topeig::max_eigenvalues<2>(a, n, work, out); break;
+    case 3: topeig::max_eigenvalues<3>(a, n, work, out); break;
+    default: topeig::max_eigenvalues<kMaxGroups>(a, n, work, out); break;
+  }
+}
+
 // Fills the 4 lanes of `lanes` with the Grams (both triangles) of channels k0 .. k0 + used - 1
 // of the (out, rows, cols) weight w: zero matrices for unused lanes and for channels holding
 // NaN/Inf, which are flagged in bad; sc[l]: the power-of-two prescale of lane l (1 for float32).
@@ -489,12 +499,7 @@ void channel_range(const T* w, std::int64_t rows, std::int64_t cols, const doubl
       fill(k0 + g * kGroup, used[g], a[g], sc + g * kGroup, bad + g * kGroup);
     }
     V4 out[kMaxGroups];
-    switch (groups) {
-      case 1: topeig::max_eigenvalues<1>(a, nn, work, out); break;
-      case 2: topeig::max_eigenvalues<2>(a, nn, work, out); break;
-      case 3: topeig::max_eigenvalues<3>(a, nn, work, out); break;
-      default: topeig::max_eigenvalues<kMaxGroups>(a, nn, work, out); break;
-    }
+    max_eigenvalues_of_groups(groups, a, nn, work, out);
     std::int64_t done = 0;
     for (int g = 0; g < groups; ++g) {
       simd4::store(lambda + g * kGroup, out[g]);
@@ -599,12 +604,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
         }
       }
       V4 vals[kMaxGroups];
-      switch (ng) {
-        case 1: topeig::max_eigenvalues<1>(a, nn, work, vals); break;
-        case 2: topeig::max_eigenvalues<2>(a, nn, work, vals); break;
-        case 3: topeig::max_eigenvalues<3>(a, nn, work, vals); break;
-        default: topeig::max_eigenvalues<kMaxGroups>(a, nn, work, vals); break;
-      }
+      max_eigenvalues_of_groups(ng, a, nn, work, vals);
       double lambda[kMaxGroups * kGroup];
       for (int g = 0; g < ng; ++g) simd4::store(lambda + g * kGroup, vals[g]);
       for (std::int64_t q = 0; q < batch; ++q) {

@@ -308,9 +308,10 @@ struct Workspace {
   std::vector<V4> eig;        // topeig workspace, kMaxGroups groups
   std::int64_t rows = -1, cols = -1;  // the layout the buffers were prepared for
   // layer_top: a whole layer's Grams (lane-interleaved per group of 4, square),
-  // per-channel prescale, NaN flag and estimate, and channel index lists.
+  // per-channel prescale, estimate and kind (NaN / computed exactly / to certify), and channel
+  // index lists.
   std::vector<double> store, sc, est;
-  std::vector<unsigned char> bad;
+  std::vector<unsigned char> kind;
   std::vector<std::int64_t> order, todo;
 };
 
@@ -474,13 +475,6 @@ void channel_range(const T* w, std::int64_t rows, std::int64_t cols, const doubl
   }
   prepare(ws, rows, cols);
   const int nn = static_cast<int>(n);
-  auto fill = [&](std::int64_t k0, int used, double* lanes, double* sc, bool* bad) {
-    fill_group(w, rows, cols, k0, used, lanes, sc, bad, ws);
-  };
-  auto finish = [&](std::int64_t k0, int used, const double* lambda, const double* sc,
-                    const bool* bad) {
-    for (int l = 0; l < used; ++l) result[k0 + l] = channel_value(lambda[l], sc[l], bad[l], scale, k0 + l);
-  };
   // Up to kMaxGroups * kGroup channels per eigen-solve (fewer at the end of the range).
   const std::int64_t gram_size = n * n * kGroup;
   const std::int64_t work_size = topeig::workspace_vectors(nn);
@@ -496,16 +490,13 @@ void channel_range(const T* w, std::int64_t rows, std::int64_t cols, const doubl
       used[g] = static_cast<int>(std::min<std::int64_t>(kGroup, left - g * kGroup));
       a[g] = ws.lanes.data() + g * gram_size;
       work[g] = ws.eig.data() + g * work_size;
-      fill(k0 + g * kGroup, used[g], a[g], sc + g * kGroup, bad + g * kGroup);
+      fill_group(w, rows, cols, k0 + g * kGroup, used[g], a[g], sc + g * kGroup, bad + g * kGroup, ws);
     }
     V4 out[kMaxGroups];
     max_eigenvalues_of_groups(groups, a, nn, work, out);
-    std::int64_t done = 0;
-    for (int g = 0; g < groups; ++g) {
-      simd4::store(lambda + g * kGroup, out[g]);
-      finish(k0 + g * kGroup, used[g], lambda + g * kGroup, sc + g * kGroup, bad + g * kGroup);
-      done += used[g];
-    }
+    for (int g = 0; g < groups; ++g) simd4::store(lambda + g * kGroup, out[g]);
+    const std::int64_t done = std::min<std::int64_t>(left, groups * kGroup);
+    for (std::int64_t q = 0; q < done; ++q) result[k0 + q] = channel_value(lambda[q], sc[q], bad[q], scale, k0 + q);
     k0 += done;
   }
 }
@@ -527,6 +518,10 @@ constexpr int kMaxPruneOrder = 16;     // Gram orders 3..16 (3x3 kernels: 9) are
 constexpr double kPruneMargin = 1e-9;  // relative, on lambda
 constexpr std::int64_t kPruneSpread = 16;
 
+// What layer_top does with a channel: certify it below T (or solve it if that fails), nothing
+// (NaN, or an unused lane), or solve it.
+enum : unsigned char { kOther = 0, kBad = 1, kExact = 2 };
+
 template <typename T>
 void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   const std::int64_t rows = L.rows, cols = L.cols, out = L.out;
@@ -539,7 +534,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   ws.store.resize(static_cast<std::size_t>(groups * sq));
   ws.sc.resize(static_cast<std::size_t>(padded));
   ws.est.resize(static_cast<std::size_t>(padded));
-  ws.bad.resize(static_cast<std::size_t>(padded));
+  ws.kind.resize(static_cast<std::size_t>(padded));
   double* lanes = ws.lanes.data();
   // 1. Grams, straight into the store; estimates.
   for (std::int64_t g = 0; g < groups; ++g) {
@@ -549,11 +544,10 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
     double* gram = ws.store.data() + g * sq;
     fill_group(L.weight, rows, cols, k0, used, gram, ws.sc.data() + k0, bad, ws);
     V4 maxdiag = simd4::zero(), total = simd4::zero(), rowsq = simd4::zero();
-    for (int i = 0; i < nn; ++i) {  // row i of the full matrix: its lower part, then column i
+    for (int i = 0; i < nn; ++i) {  // (fill_group stores both triangles)
       const double* row = gram + static_cast<std::int64_t>(i) * n * kGroup;
       V4 rowsum = simd4::zero();
-      for (int j = 0; j <= i; ++j) rowsum = rowsum + simd4::load(row + j * kGroup);
-      for (int j = i + 1; j < nn; ++j) rowsum = rowsum + simd4::load(gram + (static_cast<std::int64_t>(j) * n + i) * kGroup);
+      for (int j = 0; j < nn; ++j) rowsum = rowsum + simd4::load(row + j * kGroup);
       maxdiag = simd4::max(maxdiag, simd4::load(row + i * kGroup));
       total = total + rowsum;
       rowsq = simd4::fmadd(rowsum, rowsum, rowsq);
@@ -563,7 +557,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
     simd4::store(tt, total);
     simd4::store(rq, rowsq);
     for (int l = 0; l < kGroup; ++l) {
-      ws.bad[k0 + l] = bad[l];
+      ws.kind[k0 + l] = bad[l] || l >= used ? kBad : kOther;  // (unused lanes: padding)
       // 1^T G^2 1 / 1^T G 1 = x^T G x / x^T x for x = G^1/2 1: a Rayleigh quotient, <= lambda.
       const double rayleigh = tt[l] > 0.0 ? rq[l] / tt[l] : 0.0;
       ws.est[k0 + l] = std::max(md[l], rayleigh);
@@ -617,16 +611,14 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   // 2. Channel kinds: NaN channels are NaN; a negative scale reverses the order of its value and
   // lambda, so such a channel is always computed; the others compete for the top on their
   // estimated value (est becomes that estimate).
-  enum : unsigned char { kOther = 0, kBad = 1, kExact = 2 };
-  unsigned char* kind = ws.bad.data();  // reused: 1 = NaN channel (from step 1)
+  unsigned char* kind = ws.kind.data();
   std::vector<std::int64_t>& order = ws.order;
   std::vector<std::int64_t>& todo = ws.todo;
   order.clear();
   todo.clear();
   for (std::int64_t k = 0; k < out; ++k) {
-    if (kind[k]) {
+    if (kind[k] == kBad) {
       L.result[k] = std::numeric_limits<double>::quiet_NaN();
-      kind[k] = kBad;
     } else if (scale && !(scale[k] >= 0.0)) {
       todo.push_back(k);
       kind[k] = kExact;
@@ -636,7 +628,6 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
       order.push_back(k);
     }
   }
-  for (std::int64_t k = out; k < padded; ++k) kind[k] = kBad;  // padding lanes
   if (static_cast<std::int64_t>(order.size()) <= keep) {
     todo.insert(todo.end(), order.begin(), order.end());
     solve(todo.data(), static_cast<std::int64_t>(todo.size()));

@@ -267,12 +267,5 @@ inline void certify_below(double* const* a, int n_runtime, const V4* t, V4* cons
   }
 }
 
-// One group of four: max_eigenvalues<1>.
-inline V4 max_eigenvalue4(double* a, int n, V4* work) {
-  V4 out;
-  max_eigenvalues<1>(&a, n, &work, &out);
-  return out;
-}
-
 }  // namespace topeig
 }  // namespace mars

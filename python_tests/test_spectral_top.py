@@ -191,3 +191,77 @@ def test_cbe_with_pruning_equals_the_exact_path(cnn_clients, mode, kappa):
         report = mn.MARS(kappa=kappa, mode=mode, n_threads=threads).detect(states)
         np.testing.assert_array_equal(report.cbe, exact)
     np.testing.assert_array_equal(mn.concentrated_backdoor_energy(states[0], kappa, mode, n_threads=1), exact[0])
+
+
+# Float32 3x3 layers (Gram order 9, at least 9 input channels) are certified from a Gram summed
+# in float32, whose rigorous error bound (about 4e-6 of its trace) is taken off T before the
+# LDL^T test; the channels that get solved have their exact fp64 Gram computed again. These
+# layers stress that bound: near-ties with T, squares beyond the float32 range, underflow.
+def _layers_of(w: np.ndarray, n: int = 16, scale: np.ndarray | None = None):
+    return [w] * n, [scale] * n
+
+
+def _near_tie_weight(rows: int, eps: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Channel k = channel 0 times (1 - eps[k]): values a relative eps[k] below the top one,
+    then 24 channels well below them."""
+    rng = np.random.default_rng(seed)
+    top = rng.standard_normal((1, rows, 3, 3))
+    near = top * (1.0 - eps.reshape(-1, 1, 1, 1))
+    rest = 0.3 * rng.standard_normal((24, rows, 3, 3))
+    return np.concatenate([top, near, rest]).astype(np.float32)
+
+
+@pytest.mark.parametrize("rows", [9, 64, 300])
+@pytest.mark.parametrize("keep", [1, 2, 5])
+def test_float32_gram_certificate_near_ties(rows, keep):
+    eps = np.array([1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 1e-3, 1e-2])
+    w = _near_tie_weight(rows, eps, seed=rows + keep)
+    weights, scales = _layers_of(w)
+    full = _core.channel_spectral_norms_batch(weights, scales, 2)
+    top = _core.channel_spectral_norms_batch(weights, scales, 2, [keep] * len(weights))
+    bounded = sum(_check_layer(f, t, keep) for f, t in zip(full, top))
+    assert bounded > 0  # the 24 small channels are certified
+
+
+@pytest.mark.parametrize("rows", [16, 200])
+def test_float32_gram_certificate_near_ties_in_the_scale(rows):
+    """Equal channels whose BN scales differ by a relative 1e-12 .. 1e-2: values just below T,
+    closer than the float32 Gram's error."""
+    rng = np.random.default_rng(rows)
+    w = np.tile(rng.standard_normal((1, rows, 3, 3)), (40, 1, 1, 1)).astype(np.float32)
+    scale = 1.0 - np.concatenate([[0.0], np.geomspace(1e-12, 1e-2, 39)])
+    weights, scales = _layers_of(w, scale=scale)
+    full = _core.channel_spectral_norms_batch(weights, scales, 1)
+    for keep in (1, 3, 10):
+        top = _core.channel_spectral_norms_batch(weights, scales, 1, [keep] * len(weights))
+        assert sum(_check_layer(f, t, keep) for f, t in zip(full, top)) > 0
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 3e19, 1e-21, 1e-25, 1e-40])
+def test_float32_gram_certificate_extreme_magnitudes(magnitude):
+    """Channels whose float32 squares overflow (solved from the exact fp64 Gram, finite values)
+    or underflow (the absolute error term), next to ordinary ones."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((40, 20, 3, 3))
+    w[::3] *= magnitude
+    w = w.astype(np.float32)
+    weights, scales = _layers_of(w)
+    full = _core.channel_spectral_norms_batch(weights, scales, 2)
+    assert all(np.isfinite(f).all() for f in full)
+    for keep in (2, 5, 15):
+        top = _core.channel_spectral_norms_batch(weights, scales, 2, [keep] * len(weights))
+        for f, t in zip(full, top):
+            _check_layer(f, t, keep)
+            np.testing.assert_allclose(np.sort(t)[::-1][:keep], reference.layer_top_values(w, None, keep),
+                                       rtol=RTOL, atol=0)
+
+
+def test_float32_gram_certificate_all_tiny():
+    """Every channel so small that its float32 Gram underflows to zero: nothing can be
+    certified against the absolute error term, every value is exact."""
+    w = (np.random.default_rng(6).standard_normal((24, 16, 3, 3)) * 1e-30).astype(np.float32)
+    weights, scales = _layers_of(w)
+    full = _core.channel_spectral_norms_batch(weights, scales, 1)
+    top = _core.channel_spectral_norms_batch(weights, scales, 1, [2] * len(weights))
+    for a, b in zip(full, top):
+        assert np.array_equal(a, b)

@@ -283,6 +283,93 @@ inline void gram_tail9(const double* buf, std::int64_t nb, double* gacc) {
   gacc[8 * 9 + 8] += lanes[0];
 }
 
+#if defined(MARS_SIMD4_AVX2)
+// ------------------------------------------------ approximate float32 Grams of 3x3 kernels
+//
+// layer_top only needs a channel's exact Gram when the channel is solved; to certify the others
+// below T (and to rank channels by estimate) a Gram with a rigorous error bound is enough.
+// gram9_f32 sums the products of a float32 3x3 channel in float32: 8 lanes per vector and no
+// conversion, about half the work per row of the exact fp64 Gram, so the pass over the layer
+// runs near the speed memory delivers the weights. Blocks of kF32Block rows are summed in
+// float32 (one FMA chain per entry, from zero) and added in fp64.
+//
+// Error (Higham, Accuracy and Stability, sec. 3.1, with the underflow terms): for the computed
+// entry g_ij of the true G = M^T M, |g_ij - G_ij| <= rel * sum_r |x_ri x_rj| + per-entry
+// underflow terms, rel = gamma_B (float32, B = kF32Block) + gamma_nb (fp64, nb blocks). An
+// underflowing float32 operation loses less than 2^-126 (even with flush-to-zero), and an input
+// read as zero (denormals-are-zero) loses |x_ri x_rj| <= 2^-126 |x_rj|, summed over the rows
+// <= 2^-126 (rows + G_jj) / 2. With sum_r |x_ri x_rj| <= sqrt(G_ii G_jj) and
+// ||[sqrt(G_ii G_jj)]||_2 = trace(G), ||G - Ghat||_2 <= (rel + 9 * 2^-126) trace(G)
+// + 9 * rows * 2^-125; and trace(G) <= (trace(Ghat) + 9 * rows * 2^-125) / (1 - rel) (the
+// diagonal sums only non-negative terms). gram9_f32_error returns that bound (with slack).
+constexpr std::int64_t kF32Block = 64;
+
+inline double gram9_f32_error(double trace_hat, std::int64_t rows) {
+  const double blocks = static_cast<double>((rows + kF32Block - 1) / kF32Block);
+  const double rel = 1.01 * static_cast<double>(kF32Block + 1) * 0x1p-24 + (blocks + 2.0) * 0x1p-52 +
+                     9.0 * 0x1p-126;
+  const double abs = 9.0 * static_cast<double>(rows) * 0x1p-124;
+  const double trace = (trace_hat + abs) / (1.0 - rel);
+  return (rel * trace + abs) * (1.0 + 1e-12);  // (the rounding of this formula)
+}
+
+// Where gram9_f32 finds entry (i, j): {accumulator, lane}, from the eight products listed there
+// (the first product that holds the pair; every pair i <= j is covered).
+constexpr unsigned char kGram9Slot[9][9][2] = {
+    {{2, 0}, {3, 1}, {3, 2}, {3, 3}, {2, 4}, {3, 5}, {3, 6}, {3, 7}, {0, 0}},
+    {{3, 1}, {1, 0}, {5, 1}, {6, 0}, {7, 1}, {2, 5}, {5, 5}, {4, 1}, {0, 1}},
+    {{3, 2}, {5, 1}, {1, 1}, {5, 2}, {6, 1}, {7, 2}, {2, 6}, {4, 2}, {0, 2}},
+    {{3, 3}, {6, 0}, {5, 2}, {1, 2}, {5, 3}, {6, 2}, {7, 3}, {2, 7}, {0, 3}},
+    {{2, 4}, {7, 1}, {6, 1}, {5, 3}, {1, 3}, {7, 5}, {6, 3}, {4, 4}, {0, 4}},
+    {{3, 5}, {2, 5}, {7, 2}, {6, 2}, {7, 5}, {1, 4}, {7, 6}, {4, 5}, {0, 5}},
+    {{3, 6}, {5, 5}, {2, 6}, {7, 3}, {6, 3}, {7, 6}, {1, 5}, {4, 6}, {0, 6}},
+    {{3, 7}, {4, 1}, {4, 2}, {2, 7}, {4, 4}, {4, 5}, {4, 6}, {1, 6}, {0, 7}},
+    {{0, 0}, {0, 1}, {0, 2}, {0, 3}, {0, 4}, {0, 5}, {0, 6}, {0, 7}, {1, 7}}};
+
+// The float32-summed Gram of a (rows x 9) float32 channel m (rows >= 1) into lane `lane` of the
+// lane-interleaved 9 x 9 matrix `lanes` (both triangles). Per row x, eight 8-wide fused
+// multiply-adds and no shuffle cover the 45 distinct products x_i x_j (the fp64 kernel needs 15
+// four-wide ones and a conversion). With U_a = x[a .. a+7] (unaligned loads), B_a = x[a .. a+3]
+// in both 128-bit halves and S_j = x_j in every lane, the products are U0 S8, U1 U1, U0 B0,
+// U0 S0, U0 S7, U1 B0, U1 B3 and U0 B3 (found by an exhaustive search over such products that
+// read no further than x_8 and load few 256-bit vectors); kGram9Slot says which lane holds
+// which entry. Seven loads per row, two of them 256-bit.
+inline void gram9_f32(const float* m, std::int64_t rows, double* lanes, int lane) {
+  alignas(32) double acc[8][8] = {};  // fp64 sums of the blocks' accumulators
+  for (std::int64_t r0 = 0; r0 < rows; r0 += kF32Block) {
+    const std::int64_t nb = std::min(kF32Block, rows - r0);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    const float* row = m + r0 * 9;
+    for (std::int64_t b = 0; b < nb; ++b, row += 9) {
+      prefetch(reinterpret_cast<const char*>(row) + kPrefetchAhead);
+      const __m256 u0 = _mm256_loadu_ps(row), u1 = _mm256_loadu_ps(row + 1);
+      const __m256 b0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(row));
+      const __m256 b3 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(row + 3));
+      a0 = _mm256_fmadd_ps(u0, _mm256_broadcast_ss(row + 8), a0);
+      a1 = _mm256_fmadd_ps(u1, u1, a1);
+      a2 = _mm256_fmadd_ps(u0, b0, a2);
+      a3 = _mm256_fmadd_ps(u0, _mm256_broadcast_ss(row), a3);
+      a4 = _mm256_fmadd_ps(u0, _mm256_broadcast_ss(row + 7), a4);
+      a5 = _mm256_fmadd_ps(u1, b0, a5);
+      a6 = _mm256_fmadd_ps(u1, b3, a6);
+      a7 = _mm256_fmadd_ps(u0, b3, a7);
+    }
+    const __m256 blk[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int q = 0; q < 8; ++q) {
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(blk[q]));
+      const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(blk[q], 1));
+      _mm256_store_pd(acc[q], _mm256_add_pd(_mm256_load_pd(acc[q]), lo));
+      _mm256_store_pd(acc[q] + 4, _mm256_add_pd(_mm256_load_pd(acc[q] + 4), hi));
+    }
+  }
+  for (int i = 0; i < 9; ++i) {
+    for (int j = 0; j < 9; ++j) {
+      lanes[(i * 9 + j) * kGroup + lane] = acc[kGram9Slot[i][j][0]][kGram9Slot[i][j][1]];
+    }
+  }
+}
+#endif
+
 inline void gram_tile_dispatch(int w, const double* buf, std::int64_t nb, std::int64_t ldb, int i0,
                                int j0, int c, double* gacc) {
   switch (w) {
@@ -310,7 +397,7 @@ struct Workspace {
   // layer_top: a whole layer's Grams (lane-interleaved per group of 4, square),
   // per-channel prescale, estimate and kind (NaN / computed exactly / to certify), and channel
   // index lists.
-  std::vector<double> store, sc, est;
+  std::vector<double> store, sc, est, err;
   std::vector<unsigned char> kind;
   std::vector<std::int64_t> order, todo;
 };
@@ -413,33 +500,42 @@ inline void max_eigenvalues_of_groups(int groups, double* const* a, int n, V4* c
   }
 }
 
-// Fills the 4 lanes of `lanes` with the Grams (both triangles) of channels k0 .. k0 + used - 1
-// of the (out, rows, cols) weight w: zero matrices for unused lanes and for channels holding
-// NaN/Inf, which are flagged in bad; sc[l]: the power-of-two prescale of lane l (1 for float32).
-// ws must be prepared for (rows, cols).
+// Writes the Gram (both triangles) of channel k of the (out, rows, cols) weight w into lane
+// `lane` of `lanes`, or the zero matrix for a channel holding NaN/Inf (then *bad = true);
+// *sc: the power-of-two prescale of the channel (1 for float32). ws must be prepared for
+// (rows, cols).
+template <typename T>
+void fill_lane(const T* w, std::int64_t rows, std::int64_t cols, std::int64_t k, double* lanes,
+               int lane, double* sc, bool* bad, Workspace& ws) {
+  const std::int64_t per_channel = rows * cols;
+  const std::int64_t n = cols <= rows ? cols : rows;
+  const T* m = w + k * per_channel;
+  *sc = std::is_same<T, double>::value ? channel_scale(m, per_channel) : 1.0;
+  *bad = std::isnan(*sc);
+  if (!*bad) {
+    gram_into_lane(m, rows, cols, *sc, lanes, lane, ws);
+    // A NaN/Inf input value makes its diagonal entry (a sum of squares) non-finite.
+    double trace = 0.0;
+    for (std::int64_t i = 0; i < n; ++i) trace += lanes[(i * n + i) * kGroup + lane];
+    *bad = !std::isfinite(trace);
+  }
+  if (*bad) {  // a finite placeholder: the zero matrix
+    for (std::int64_t i = 0; i < n * n; ++i) lanes[i * kGroup + lane] = 0.0;
+  }
+}
+
+// Fills the 4 lanes of `lanes` with the Grams of channels k0 .. k0 + used - 1 (fill_lane), and
+// zero matrices for the unused lanes (sc = 1, bad = false).
 template <typename T>
 void fill_group(const T* w, std::int64_t rows, std::int64_t cols, std::int64_t k0, int used,
                 double* lanes, double* sc, bool* bad, Workspace& ws) {
-  const std::int64_t per_channel = rows * cols;
   const std::int64_t n = cols <= rows ? cols : rows;
   for (int l = 0; l < kGroup; ++l) {
-    sc[l] = 1.0;
-    bad[l] = false;
-    bool fill_zero = l >= used;
-    if (!fill_zero) {
-      const T* m = w + (k0 + l) * per_channel;
-      if (std::is_same<T, double>::value) sc[l] = channel_scale(m, per_channel);
-      bad[l] = std::isnan(sc[l]);
-      if (!bad[l]) {
-        gram_into_lane(m, rows, cols, sc[l], lanes, l, ws);
-        // A NaN/Inf input value makes its diagonal entry (a sum of squares) non-finite.
-        double trace = 0.0;
-        for (std::int64_t i = 0; i < n; ++i) trace += lanes[(i * n + i) * kGroup + l];
-        bad[l] = !std::isfinite(trace);
-      }
-      fill_zero = bad[l];
-    }
-    if (fill_zero) {  // a finite placeholder (the zero matrix) for unused and bad lanes
+    if (l < used) {
+      fill_lane(w, rows, cols, k0 + l, lanes, l, sc + l, bad + l, ws);
+    } else {
+      sc[l] = 1.0;
+      bad[l] = false;
       for (std::int64_t i = 0; i < n * n; ++i) lanes[i * kGroup + l] = 0.0;
     }
   }
@@ -534,38 +630,74 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   ws.store.resize(static_cast<std::size_t>(groups * sq));
   ws.sc.resize(static_cast<std::size_t>(padded));
   ws.est.resize(static_cast<std::size_t>(padded));
+  ws.err.resize(static_cast<std::size_t>(padded));
   ws.kind.resize(static_cast<std::size_t>(padded));
   double* lanes = ws.lanes.data();
+  // Float32 3x3 kernels: the store holds float32-summed Grams with an error bound (gram9_f32),
+  // and the channels that are solved get their exact Gram from the weights again. Otherwise the
+  // store holds the exact Grams (error 0).
+#if defined(MARS_SIMD4_AVX2)
+  const bool approx = std::is_same<T, float>::value && cols == 9 && rows >= cols;
+#else
+  const bool approx = false;
+#endif
   // 1. Grams, straight into the store; estimates.
   for (std::int64_t g = 0; g < groups; ++g) {
     const std::int64_t k0 = g * kGroup;
     const int used = static_cast<int>(std::min<std::int64_t>(kGroup, out - k0));
-    bool bad[kGroup];
+    bool bad[kGroup] = {false, false, false, false};
     double* gram = ws.store.data() + g * sq;
-    fill_group(L.weight, rows, cols, k0, used, gram, ws.sc.data() + k0, bad, ws);
-    V4 maxdiag = simd4::zero(), total = simd4::zero(), rowsq = simd4::zero();
-    for (int i = 0; i < nn; ++i) {  // (fill_group stores both triangles)
+    if (approx) {
+#if defined(MARS_SIMD4_AVX2)
+      for (int l = 0; l < kGroup; ++l) {
+        ws.sc[k0 + l] = 1.0;
+        if (l < used) {
+          gram9_f32(reinterpret_cast<const float*>(L.weight) + (k0 + l) * rows * cols, rows, gram, l);
+        } else {
+          for (std::int64_t i = 0; i < n * n; ++i) gram[i * kGroup + l] = 0.0;
+        }
+      }
+#endif
+    } else {
+      fill_group(L.weight, rows, cols, k0, used, gram, ws.sc.data() + k0, bad, ws);
+    }
+    V4 maxdiag = simd4::zero(), total = simd4::zero(), rowsq = simd4::zero(), trace = simd4::zero();
+    for (int i = 0; i < nn; ++i) {  // (both triangles are stored)
       const double* row = gram + static_cast<std::int64_t>(i) * n * kGroup;
       V4 rowsum = simd4::zero();
       for (int j = 0; j < nn; ++j) rowsum = rowsum + simd4::load(row + j * kGroup);
       maxdiag = simd4::max(maxdiag, simd4::load(row + i * kGroup));
+      trace = trace + simd4::load(row + i * kGroup);
       total = total + rowsum;
       rowsq = simd4::fmadd(rowsum, rowsum, rowsq);
     }
-    double md[kGroup], tt[kGroup], rq[kGroup];
+    double md[kGroup], tt[kGroup], rq[kGroup], tr[kGroup];
     simd4::store(md, maxdiag);
     simd4::store(tt, total);
     simd4::store(rq, rowsq);
+    simd4::store(tr, trace);
     for (int l = 0; l < kGroup; ++l) {
       ws.kind[k0 + l] = bad[l] || l >= used ? kBad : kOther;  // (unused lanes: padding)
       // 1^T G^2 1 / 1^T G 1 = x^T G x / x^T x for x = G^1/2 1: a Rayleigh quotient, <= lambda.
       const double rayleigh = tt[l] > 0.0 ? rq[l] / tt[l] : 0.0;
       ws.est[k0 + l] = std::max(md[l], rayleigh);
+      ws.err[k0 + l] = 0.0;
+      if (approx) {
+        // A float32 Gram with a non-finite entry (NaN/Inf weights, or squares beyond the
+        // float32 range): NaN estimate, the channel is solved from its exact Gram.
+        const bool finite =
+            std::isfinite(md[l]) && std::isfinite(tt[l]) && std::isfinite(rq[l]) && std::isfinite(tr[l]);
+#if defined(MARS_SIMD4_AVX2)
+        if (finite) ws.err[k0 + l] = gram9_f32_error(tr[l], rows);
+#endif
+        if (!finite) ws.est[k0 + l] = std::numeric_limits<double>::quiet_NaN();
+      }
     }
   }
   const double* scale = L.scale;
-  // Exact values of the channels idx[0..count): Grams gathered from the store into lane groups,
-  // up to kMaxGroups * kGroup per eigen-solve.
+  // Exact values of the channels idx[0..count): exact Grams (gathered from the store, or computed
+  // from the weights again when the store holds float32-summed ones) in lane groups, up to
+  // kMaxGroups * kGroup per eigen-solve.
   const std::int64_t work_size = topeig::workspace_vectors(nn);
   const std::int64_t gram_size = n * n * kGroup;
   // (from the store's lower triangle: certify_below uses the upper one as scratch)
@@ -585,12 +717,16 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
       const int ng = static_cast<int>((batch + kGroup - 1) / kGroup);
       double* a[kMaxGroups];
       V4* work[kMaxGroups];
+      bool bad[kMaxGroups * kGroup] = {};
       for (int g = 0; g < ng; ++g) {
         a[g] = lanes + g * gram_size;
         work[g] = ws.eig.data() + g * work_size;
         for (int l = 0; l < kGroup; ++l) {
           const std::int64_t q = g * kGroup + l;
-          if (q < batch) {
+          if (q < batch && approx) {
+            const std::int64_t k = idx[b + q];
+            fill_lane(L.weight, rows, cols, k, a[g], l, ws.sc.data() + k, bad + q, ws);
+          } else if (q < batch) {
             gather(idx[b + q], a[g], l);
           } else {  // an unused lane: the zero matrix
             for (std::int64_t e = 0; e < n * n; ++e) a[g][e * kGroup + l] = 0.0;
@@ -603,14 +739,14 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
       for (int g = 0; g < ng; ++g) simd4::store(lambda + g * kGroup, vals[g]);
       for (std::int64_t q = 0; q < batch; ++q) {
         const std::int64_t k = idx[b + q];
-        L.result[k] = channel_value(lambda[q], ws.sc[k], false, scale, k);
+        L.result[k] = channel_value(lambda[q], ws.sc[k], bad[q], scale, k);
       }
       b += batch;
     }
   };
   // 2. Channel kinds: NaN channels are NaN; a negative scale reverses the order of its value and
-  // lambda, so such a channel is always computed; the others compete for the top on their
-  // estimated value (est becomes that estimate).
+  // lambda, so such a channel is always computed, as is one without a finite estimate; the others
+  // compete for the top on their estimated value (est becomes that estimate).
   unsigned char* kind = ws.kind.data();
   std::vector<std::int64_t>& order = ws.order;
   std::vector<std::int64_t>& todo = ws.todo;
@@ -619,7 +755,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   for (std::int64_t k = 0; k < out; ++k) {
     if (kind[k] == kBad) {
       L.result[k] = std::numeric_limits<double>::quiet_NaN();
-    } else if (scale && !(scale[k] >= 0.0)) {
+    } else if ((scale && !(scale[k] >= 0.0)) || !std::isfinite(ws.est[k])) {
       todo.push_back(k);
       kind[k] = kExact;
     } else {
@@ -670,9 +806,11 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
         const std::int64_t k = k0 + l;
         t[q][l] = 1.0;  // any finite value for lanes that are not certified
         if (kind[k] == kOther) {
-          // value < T  <=>  lambda < (T * sc / scale)^2 (lambda of the prescaled Gram)
+          // value < T  <=>  lambda < (T * sc / scale)^2 (lambda of the prescaled exact Gram);
+          // the stored Gram is within err of it (spectral norm). A margin of 2 * kPruneMargin
+          // keeps lambda (1 + certify_below's rounding) below (T sqrt(1 - kPruneMargin))^2.
           const double limit = scale ? t_value * ws.sc[k] / scale[k] : t_value * ws.sc[k];
-          t[q][l] = limit * limit * (1.0 - kPruneMargin);  // +Inf for a zero scale
+          t[q][l] = limit * limit * (1.0 - 2.0 * kPruneMargin) - ws.err[k];  // +Inf for a zero scale
         }
       }
       tv[q] = simd4::load(t[q]);

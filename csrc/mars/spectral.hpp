@@ -52,7 +52,10 @@ struct LayerView {
 // full computation; the eigen-solves of the others are skipped once an LDL^T factorisation
 // certifies their value below the keep-th largest (they then hold an upper bound of their
 // value that stays below it). So any top-k or quantile rule that reads only the keep largest
-// values gives the same bits. Applied to layers whose Gram order is 3..16 when such layers hold
+// values gives the same bits. For float32 3x3 kernels (at least 9 input channels) the ranking
+// and the certificates use a Gram summed in float32 (half the arithmetic of the fp64 one) whose
+// rigorous error bound is taken off the threshold; the channels that are solved get their exact
+// fp64 Gram computed again from the weights. Applied to layers whose Gram order is 3..16 when such layers hold
 // at least 16 times the largest one's work (a round of many models: whole layers then spread
 // over the threads); otherwise every value is exact. The result does not depend on n_threads.
 void channel_spectral_norms_batch(const LayerView<float>* layers, std::int64_t n_layers,

@@ -55,14 +55,16 @@ def _check_layer(full: np.ndarray, top: np.ndarray, keep: int) -> int:
 
 @st.composite
 def batches(draw):
-    """Several layers of one shape (16 or more: whole layers spread over the threads, so the
-    pruning runs), channels of different sizes, duplicates (ties), zero and negative scales,
-    NaN channels, float32 or float64 (huge or tiny magnitudes: the prescaled path)."""
+    """Several layers of one shape (16 or more: one task per layer; fewer: Gram and finishing
+    tasks where the channels are large enough, else every value exact), channels of different
+    sizes, duplicates (ties), zero and negative scales, NaN channels, float32 or float64 (huge or
+    tiny magnitudes: the prescaled path)."""
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     out = draw(st.integers(1, 48))
-    rows = draw(st.integers(1, 20))
+    # (36 or more input channels: one model's 3x3 float32 layers are pruned in two phases)
+    rows = draw(st.integers(1, 20) | st.sampled_from([36, 40, 64, 72]))
     kernel = draw(st.sampled_from([(3, 3), (2, 2), (4, 4), (3,), (1, 1)]))
     # >= 16 layers of one shape: the kernel prunes (fewer: it scores every channel exactly)
     n_layers = draw(st.sampled_from([1, 3, 16, 17, 20]))
@@ -127,15 +129,33 @@ def test_most_eigen_solves_are_skipped_and_threads_do_not_matter():
     assert bounded > 0.7 * prunable  # the pruning runs (about 90% certified here)
 
 
-def test_no_pruning_for_one_model():
-    """Whole-layer tasks need many layers (a round); one model's layers are scored exactly."""
+def test_one_model_is_pruned_in_two_phases_with_the_same_values():
+    """One model's layers are too few for whole-layer tasks: the Grams of those with 36 or more
+    input channels are computed by several tasks into shared buffers, then each layer is
+    finished. The same values for any thread count, and the same top values as the whole-layer
+    path (the same model inside a round)."""
     weights, scales = _resnet_like_layers(1)
     keeps = [cbe_keep(w.shape[0], 0.05) for w in weights]
-    for threads in (1, 8):
-        full = _core.channel_spectral_norms_batch(weights, scales, threads)
-        top = _core.channel_spectral_norms_batch(weights, scales, threads, keeps)
-        for a, b in zip(full, top):
+    full = _core.channel_spectral_norms_batch(weights, scales, 1)
+    tops = [_core.channel_spectral_norms_batch(weights, scales, t, keeps) for t in (1, 2, 3, 8)]
+    for other in tops[1:]:
+        for a, b in zip(tops[0], other):
             assert np.array_equal(a, b)
+    bounded = sum(_check_layer(f, t, k) for f, t, k in zip(full, tops[0], keeps))
+    prunable = sum(w.shape[0] for w in weights if w.shape[2] * w.shape[3] > 1)
+    assert bounded > 0.7 * prunable
+    # The same model among 16 other models: whole-layer tasks. The top values are the same bits;
+    # so is every entry of the layers pruned both ways (36 or more input channels: the first
+    # layer, 3 input channels, is pruned only in the batch).
+    others, other_scales = _resnet_like_layers(16, seed=1)
+    batch = _core.channel_spectral_norms_batch(weights + others, scales + other_scales, 2,
+                                               keeps + [cbe_keep(w.shape[0], 0.05) for w in others])
+    for w, a, b, f, k in zip(weights, tops[0], batch[: len(weights)], full, keeps):
+        _check_layer(f, b, k)
+        if w.shape[1] >= 36 or w.shape[2] * w.shape[3] == 1:
+            assert np.array_equal(a, b)
+        else:
+            assert np.array_equal(a, f)  # not pruned alone
 
 
 def test_all_equal_channels_are_all_exact():
@@ -191,6 +211,11 @@ def test_cbe_with_pruning_equals_the_exact_path(cnn_clients, mode, kappa):
         report = mn.MARS(kappa=kappa, mode=mode, n_threads=threads).detect(states)
         np.testing.assert_array_equal(report.cbe, exact)
     np.testing.assert_array_equal(mn.concentrated_backdoor_energy(states[0], kappa, mode, n_threads=1), exact[0])
+    # one client at a time (a streaming round's path): the same CBE
+    for i, state in enumerate(states[:3]):
+        cbe, reason = mn.MARS(kappa=kappa, mode=mode, n_threads=2).client_cbe(state)
+        assert reason is None
+        np.testing.assert_array_equal(cbe, exact[i])
 
 
 # Float32 3x3 layers (Gram order 9, at least 9 input channels) are certified from a Gram summed

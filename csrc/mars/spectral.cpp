@@ -1,9 +1,12 @@
 #include "mars/spectral.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -618,39 +621,52 @@ constexpr std::int64_t kPruneSpread = 16;
 // (NaN, or an unused lane), or solve it.
 enum : unsigned char { kOther = 0, kBad = 1, kExact = 2 };
 
+// A layer's Grams and per-channel data between the two phases of layer_top (padded to whole
+// groups of four): store (one group's Grams after another, square lane-interleaved layout),
+// prescale, estimate, error bound of the stored Gram, kind.
+struct TopData {
+  double* store;
+  double* sc;
+  double* est;
+  double* err;
+  unsigned char* kind;
+};
+
+inline std::int64_t gram_order(std::int64_t rows, std::int64_t cols) { return cols <= rows ? cols : rows; }
+
+// Float32 3x3 kernels: the store holds float32-summed Grams with an error bound (gram9_f32),
+// and the channels that are solved get their exact Gram from the weights again. Otherwise the
+// store holds the exact Grams (error 0).
 template <typename T>
-void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
+bool approx_grams(const LayerView<T>& L) {
+#if defined(MARS_SIMD4_AVX2)
+  return std::is_same<T, float>::value && L.cols == 9 && L.rows >= L.cols;
+#else
+  (void)L;
+  return false;
+#endif
+}
+
+// Phase 1 of layer_top for the groups [g_begin, g_end): Grams straight into the store, estimates,
+// error bounds and kinds. A channel's data depends on its weights alone (not on the range).
+template <typename T>
+void top_grams(const LayerView<T>& L, std::int64_t g_begin, std::int64_t g_end, const TopData& d,
+               Workspace& ws) {
   const std::int64_t rows = L.rows, cols = L.cols, out = L.out;
-  const std::int64_t n = cols <= rows ? cols : rows;
+  const std::int64_t n = gram_order(rows, cols);
   const int nn = static_cast<int>(n);
   prepare(ws, rows, cols);
-  const std::int64_t sq = n * n * kGroup;  // one group's Grams, square layout
-  const std::int64_t groups = (out + kGroup - 1) / kGroup;
-  const std::int64_t padded = groups * kGroup;
-  ws.store.resize(static_cast<std::size_t>(groups * sq));
-  ws.sc.resize(static_cast<std::size_t>(padded));
-  ws.est.resize(static_cast<std::size_t>(padded));
-  ws.err.resize(static_cast<std::size_t>(padded));
-  ws.kind.resize(static_cast<std::size_t>(padded));
-  double* lanes = ws.lanes.data();
-  // Float32 3x3 kernels: the store holds float32-summed Grams with an error bound (gram9_f32),
-  // and the channels that are solved get their exact Gram from the weights again. Otherwise the
-  // store holds the exact Grams (error 0).
-#if defined(MARS_SIMD4_AVX2)
-  const bool approx = std::is_same<T, float>::value && cols == 9 && rows >= cols;
-#else
-  const bool approx = false;
-#endif
-  // 1. Grams, straight into the store; estimates.
-  for (std::int64_t g = 0; g < groups; ++g) {
+  const std::int64_t sq = n * n * kGroup;  // one group's Grams
+  const bool approx = approx_grams(L);
+  for (std::int64_t g = g_begin; g < g_end; ++g) {
     const std::int64_t k0 = g * kGroup;
     const int used = static_cast<int>(std::min<std::int64_t>(kGroup, out - k0));
     bool bad[kGroup] = {false, false, false, false};
-    double* gram = ws.store.data() + g * sq;
+    double* gram = d.store + g * sq;
     if (approx) {
 #if defined(MARS_SIMD4_AVX2)
       for (int l = 0; l < kGroup; ++l) {
-        ws.sc[k0 + l] = 1.0;
+        d.sc[k0 + l] = 1.0;
         if (l < used) {
           gram9_f32(reinterpret_cast<const float*>(L.weight) + (k0 + l) * rows * cols, rows, gram, l);
         } else {
@@ -659,7 +675,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
       }
 #endif
     } else {
-      fill_group(L.weight, rows, cols, k0, used, gram, ws.sc.data() + k0, bad, ws);
+      fill_group(L.weight, rows, cols, k0, used, gram, d.sc + k0, bad, ws);
     }
     V4 maxdiag = simd4::zero(), total = simd4::zero(), rowsq = simd4::zero(), trace = simd4::zero();
     for (int i = 0; i < nn; ++i) {  // (both triangles are stored)
@@ -677,23 +693,36 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
     simd4::store(rq, rowsq);
     simd4::store(tr, trace);
     for (int l = 0; l < kGroup; ++l) {
-      ws.kind[k0 + l] = bad[l] || l >= used ? kBad : kOther;  // (unused lanes: padding)
+      d.kind[k0 + l] = bad[l] || l >= used ? kBad : kOther;  // (unused lanes: padding)
       // 1^T G^2 1 / 1^T G 1 = x^T G x / x^T x for x = G^1/2 1: a Rayleigh quotient, <= lambda.
       const double rayleigh = tt[l] > 0.0 ? rq[l] / tt[l] : 0.0;
-      ws.est[k0 + l] = std::max(md[l], rayleigh);
-      ws.err[k0 + l] = 0.0;
+      d.est[k0 + l] = std::max(md[l], rayleigh);
+      d.err[k0 + l] = 0.0;
       if (approx) {
         // A float32 Gram with a non-finite entry (NaN/Inf weights, or squares beyond the
         // float32 range): NaN estimate, the channel is solved from its exact Gram.
         const bool finite =
             std::isfinite(md[l]) && std::isfinite(tt[l]) && std::isfinite(rq[l]) && std::isfinite(tr[l]);
 #if defined(MARS_SIMD4_AVX2)
-        if (finite) ws.err[k0 + l] = gram9_f32_error(tr[l], rows);
+        if (finite) d.err[k0 + l] = gram9_f32_error(tr[l], rows);
 #endif
-        if (!finite) ws.est[k0 + l] = std::numeric_limits<double>::quiet_NaN();
+        if (!finite) d.est[k0 + l] = std::numeric_limits<double>::quiet_NaN();
       }
     }
   }
+}
+
+// Phase 2 of layer_top, once top_grams has filled d for every group of the layer.
+template <typename T>
+void top_finish(const LayerView<T>& L, std::int64_t keep, const TopData& d, Workspace& ws) {
+  const std::int64_t rows = L.rows, cols = L.cols, out = L.out;
+  const std::int64_t n = gram_order(rows, cols);
+  const int nn = static_cast<int>(n);
+  prepare(ws, rows, cols);
+  const std::int64_t sq = n * n * kGroup;
+  const std::int64_t groups = (out + kGroup - 1) / kGroup;
+  const bool approx = approx_grams(L);
+  double* lanes = ws.lanes.data();
   const double* scale = L.scale;
   // Exact values of the channels idx[0..count): exact Grams (gathered from the store, or computed
   // from the weights again when the store holds float32-summed ones) in lane groups, up to
@@ -702,7 +731,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   const std::int64_t gram_size = n * n * kGroup;
   // (from the store's lower triangle: certify_below uses the upper one as scratch)
   auto gather = [&](std::int64_t k, double* a, int lane) {
-    const double* src = ws.store.data() + (k / kGroup) * sq + (k % kGroup);
+    const double* src = d.store + (k / kGroup) * sq + (k % kGroup);
     for (int i = 0; i < nn; ++i) {
       for (int j = 0; j <= i; ++j) {
         const double v = src[(static_cast<std::int64_t>(i) * n + j) * kGroup];
@@ -725,7 +754,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
           const std::int64_t q = g * kGroup + l;
           if (q < batch && approx) {
             const std::int64_t k = idx[b + q];
-            fill_lane(L.weight, rows, cols, k, a[g], l, ws.sc.data() + k, bad + q, ws);
+            fill_lane(L.weight, rows, cols, k, a[g], l, d.sc + k, bad + q, ws);
           } else if (q < batch) {
             gather(idx[b + q], a[g], l);
           } else {  // an unused lane: the zero matrix
@@ -739,7 +768,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
       for (int g = 0; g < ng; ++g) simd4::store(lambda + g * kGroup, vals[g]);
       for (std::int64_t q = 0; q < batch; ++q) {
         const std::int64_t k = idx[b + q];
-        L.result[k] = channel_value(lambda[q], ws.sc[k], bad[q], scale, k);
+        L.result[k] = channel_value(lambda[q], d.sc[k], bad[q], scale, k);
       }
       b += batch;
     }
@@ -747,7 +776,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   // 2. Channel kinds: NaN channels are NaN; a negative scale reverses the order of its value and
   // lambda, so such a channel is always computed, as is one without a finite estimate; the others
   // compete for the top on their estimated value (est becomes that estimate).
-  unsigned char* kind = ws.kind.data();
+  unsigned char* kind = d.kind;
   std::vector<std::int64_t>& order = ws.order;
   std::vector<std::int64_t>& todo = ws.todo;
   order.clear();
@@ -755,12 +784,12 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   for (std::int64_t k = 0; k < out; ++k) {
     if (kind[k] == kBad) {
       L.result[k] = std::numeric_limits<double>::quiet_NaN();
-    } else if ((scale && !(scale[k] >= 0.0)) || !std::isfinite(ws.est[k])) {
+    } else if ((scale && !(scale[k] >= 0.0)) || !std::isfinite(d.est[k])) {
       todo.push_back(k);
       kind[k] = kExact;
     } else {
-      const double sigma = std::sqrt(std::max(ws.est[k], 0.0)) / ws.sc[k];
-      ws.est[k] = scale ? sigma * scale[k] : sigma;
+      const double sigma = std::sqrt(std::max(d.est[k], 0.0)) / d.sc[k];
+      d.est[k] = scale ? sigma * scale[k] : sigma;
       order.push_back(k);
     }
   }
@@ -770,7 +799,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
     return;
   }
   // The `keep` largest estimates (ties: the lower index first, so that the choice is fixed).
-  const double* est = ws.est.data();
+  const double* est = d.est;
   std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(),
                    [est](std::int64_t x, std::int64_t y) { return est[x] > est[y] || (est[x] == est[y] && x < y); });
   solve(order.data(), keep);
@@ -800,7 +829,7 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
     double t[kPair][kGroup];
     for (int q = 0; q < np; ++q) {
       const std::int64_t k0 = pending[q] * kGroup;
-      a[q] = ws.store.data() + pending[q] * sq;
+      a[q] = d.store + pending[q] * sq;
       r[q] = ws.eig.data() + q * 2 * n;
       for (int l = 0; l < kGroup; ++l) {
         const std::int64_t k = k0 + l;
@@ -809,8 +838,8 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
           // value < T  <=>  lambda < (T * sc / scale)^2 (lambda of the prescaled exact Gram);
           // the stored Gram is within err of it (spectral norm). A margin of 2 * kPruneMargin
           // keeps lambda (1 + certify_below's rounding) below (T sqrt(1 - kPruneMargin))^2.
-          const double limit = scale ? t_value * ws.sc[k] / scale[k] : t_value * ws.sc[k];
-          t[q][l] = limit * limit * (1.0 - 2.0 * kPruneMargin) - ws.err[k];  // +Inf for a zero scale
+          const double limit = scale ? t_value * d.sc[k] / scale[k] : t_value * d.sc[k];
+          t[q][l] = limit * limit * (1.0 - 2.0 * kPruneMargin) - d.err[k];  // +Inf for a zero scale
         }
       }
       tv[q] = simd4::load(t[q]);
@@ -850,6 +879,22 @@ void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   solve(todo.data(), static_cast<std::int64_t>(todo.size()));
 }
 
+// The top values of a whole layer in one task (TopData in the thread's workspace).
+template <typename T>
+void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
+  const std::int64_t n = gram_order(L.rows, L.cols);
+  const std::int64_t groups = (L.out + kGroup - 1) / kGroup;
+  const std::int64_t padded = groups * kGroup;
+  ws.store.resize(static_cast<std::size_t>(groups * n * n * kGroup));
+  ws.sc.resize(static_cast<std::size_t>(padded));
+  ws.est.resize(static_cast<std::size_t>(padded));
+  ws.err.resize(static_cast<std::size_t>(padded));
+  ws.kind.resize(static_cast<std::size_t>(padded));
+  const TopData d{ws.store.data(), ws.sc.data(), ws.est.data(), ws.err.data(), ws.kind.data()};
+  top_grams(L, 0, groups, d, ws);
+  top_finish(L, keep, d, ws);
+}
+
 template <typename T>
 void spectral_impl(const T* w, std::int64_t out, std::int64_t rows, std::int64_t cols,
                    const double* scale, double* result, int n_threads) {
@@ -870,23 +915,33 @@ void spectral_impl(const T* w, std::int64_t out, std::int64_t rows, std::int64_t
 // equal work (whole SIMD groups, at least kTaskElems elements, about 64 per thread), which the
 // threads take one at a time. Values are those of one call per layer, bit for bit.
 constexpr std::int64_t kTaskElems = 1 << 16;
+// Pruned layers of a batch without the spread (one model) keep their Grams between two parallel
+// phases, in shared buffers of at most this many bytes in all (3 MB for a ResNet-18); beyond it
+// their values are all exact.
+constexpr std::int64_t kSplitStoreMax = std::int64_t{64} << 20;
 
 template <typename T>
 void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int n_threads,
                          const std::int64_t* keep) {
+  // range: channels [begin, end) of a layer, every value exact; top: a whole layer through
+  // layer_top; grams / finish: the two phases of layer_top, split over tasks.
+  enum class Kind { range, top, grams, finish };
   struct Task {
     std::int64_t layer, begin, end, work;
-    bool top;  // a whole layer through layer_top
+    Kind kind;
   };
-  std::vector<Task> tasks;
+  std::vector<Task> tasks, finish;
   std::int64_t total = 0;
   for (std::int64_t i = 0; i < n_layers; ++i) total += layers[i].out * layers[i].rows * layers[i].cols;
   const int threads = parallel::resolve_threads(n_threads);
   const std::int64_t target = std::max<std::int64_t>(kTaskElems, total / (64 * threads));
-  // layer_top takes a whole layer per task: only used when the prunable layers hold at least
-  // kPruneSpread times the largest one's work (a round of many models, not one model), so that
-  // whole layers spread over the threads. The rule does not depend on the thread count: the
-  // values (bounds included) are the same for any number of threads.
+  // Pruning (layer_top) takes a whole layer per task when the prunable layers hold at least
+  // kPruneSpread times the largest one's work (a round of many models: whole layers spread over
+  // the threads, each thread's Grams stay in its cache). Otherwise (one model) the Grams of a
+  // layer are computed by several tasks into shared buffers, and a finish task per layer, queued
+  // after every Gram task, completes it once its Gram tasks are done. Either way a layer's values
+  // are the same function of its weights, bit for bit: they do not depend on the schedule nor on
+  // the thread count.
   auto prunable = [&](std::int64_t i) {
     const LayerView<T>& L = layers[i];
     const std::int64_t n = std::min(L.rows, L.cols);
@@ -899,7 +954,56 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
     prune_work += w;
     prune_max = std::max(prune_max, w);
   }
-  const bool prune = prune_max > 0 && prune_work >= kPruneSpread * prune_max;
+  const bool whole = prune_max > 0 && prune_work >= kPruneSpread * prune_max;
+  // Split layers store their Grams in memory between the phases: worth it only where a channel's
+  // weights are at least twice its stored Gram (3x3 float32: 36 input channels or more); e.g.
+  // the grouped 3x3 convs of a ResNeXt (4-32 input channels per group) measured slower pruned.
+  auto splittable = [&](std::int64_t i) {
+    const LayerView<T>& L = layers[i];
+    const std::int64_t n = gram_order(L.rows, L.cols);
+    return prunable(i) && L.rows * L.cols * static_cast<std::int64_t>(sizeof(T)) >= 2 * 8 * n * n;
+  };
+  // TopData per padded channel: n^2 + 3 doubles and one byte.
+  std::int64_t n_doubles = 0, n_bytes = 0;
+  for (std::int64_t i = 0; i < n_layers && !whole; ++i) {
+    if (!splittable(i)) continue;
+    const std::int64_t padded = (layers[i].out + kGroup - 1) / kGroup * kGroup;
+    const std::int64_t n = gram_order(layers[i].rows, layers[i].cols);
+    n_doubles += padded * (n * n + 3);
+    n_bytes += padded;
+  }
+  const bool split = n_doubles > 0 && n_doubles * 8 + n_bytes <= kSplitStoreMax;
+  // Shared TopData of the split layers, carved from buffers that the calling thread keeps for
+  // its next calls (at most kSplitStoreMax; fresh memory would cost a page fault per 4 KB on
+  // every call).
+  struct SplitCache {
+    std::vector<double> doubles;
+    std::vector<unsigned char> bytes;
+  };
+  thread_local SplitCache cache;
+  std::vector<TopData> shared(split ? static_cast<std::size_t>(n_layers) : 0);
+  if (split) {
+    if (static_cast<std::int64_t>(cache.doubles.size()) < n_doubles) cache.doubles.resize(static_cast<std::size_t>(n_doubles));
+    if (static_cast<std::int64_t>(cache.bytes.size()) < n_bytes) cache.bytes.resize(static_cast<std::size_t>(n_bytes));
+    double* dp = cache.doubles.data();
+    unsigned char* bp = cache.bytes.data();
+    for (std::int64_t i = 0; i < n_layers; ++i) {
+      if (!splittable(i)) continue;
+      const std::int64_t padded = (layers[i].out + kGroup - 1) / kGroup * kGroup;
+      const std::int64_t n = gram_order(layers[i].rows, layers[i].cols);
+      TopData& d = shared[static_cast<std::size_t>(i)];
+      d.store = dp;
+      dp += padded * n * n;
+      d.sc = dp;
+      dp += padded;
+      d.est = dp;
+      dp += padded;
+      d.err = dp;
+      dp += padded;
+      d.kind = bp;
+      bp += padded;
+    }
+  }
   for (std::int64_t i = 0; i < n_layers; ++i) {
     const LayerView<T>& L = layers[i];
     if (L.out <= 0) continue;
@@ -908,33 +1012,73 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
       std::fill(L.result, L.result + L.out, 0.0);
       continue;
     }
-    if (prune && prunable(i)) {
-      tasks.push_back({i, 0, L.out, L.out * per_channel, true});
+    if (whole && prunable(i)) {
+      tasks.push_back({i, 0, L.out, L.out * per_channel, Kind::top});
       continue;
     }
     std::int64_t step = std::max<std::int64_t>(1, target / per_channel);
     step = (step + kGroup - 1) / kGroup * kGroup;
+    Kind kind = Kind::range;
+    if (split && splittable(i)) {
+      finish.push_back({i, 0, L.out, L.out * per_channel, Kind::finish});
+      kind = Kind::grams;
+    }
     for (std::int64_t b = 0; b < L.out; b += step) {
       const std::int64_t e = std::min(L.out, b + step);
-      tasks.push_back({i, b, e, (e - b) * per_channel, false});
+      tasks.push_back({i, b, e, (e - b) * per_channel, kind});
     }
   }
   // Largest tasks first (whole layers vary in size); a stable order, so the schedule is fixed.
-  if (prune) {
-    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.work > y.work; });
+  // Gram tasks go first, finish tasks last (a finish task waits for its layer's Gram tasks, which
+  // threads have then all taken: the wait is at most one Gram task).
+  auto by_work = [](const Task& x, const Task& y) { return x.work > y.work; };
+  if (whole) std::stable_sort(tasks.begin(), tasks.end(), by_work);
+  std::stable_partition(tasks.begin(), tasks.end(), [](const Task& x) { return x.kind == Kind::grams; });
+  std::stable_sort(finish.begin(), finish.end(), by_work);
+  tasks.insert(tasks.end(), finish.begin(), finish.end());
+  // Gram tasks not yet done, per layer.
+  std::unique_ptr<std::atomic<std::int64_t>[]> pending(
+      new std::atomic<std::int64_t>[static_cast<std::size_t>(std::max<std::int64_t>(n_layers, 1))]);
+  for (std::int64_t i = 0; i < n_layers; ++i) pending[i].store(0);
+  for (const Task& task : tasks) {
+    if (task.kind == Kind::grams) pending[task.layer].fetch_add(1);
   }
   // Tasks are handed out dynamically (a thread that the machine slows down takes fewer); each
   // computes its channels from their weights alone, so the values do not depend on the schedule.
-  const std::int64_t n_tasks = static_cast<std::int64_t>(tasks.size());
   std::vector<Workspace> ws(static_cast<std::size_t>(threads));
-  parallel::parallel_tasks(n_tasks, threads, [&](int thread, std::int64_t t) {
-    const Task& task = tasks[t];
+  // Set when a task throws: parallel_tasks then stops handing out tasks (a Gram task already
+  // taken may never run), so a waiting finish task gives up.
+  std::atomic<bool> failed{false};
+  parallel::parallel_tasks(static_cast<std::int64_t>(tasks.size()), threads, [&](int thread, std::int64_t t) {
+    const Task& task = tasks[static_cast<std::size_t>(t)];
     const LayerView<T>& L = layers[task.layer];
     Workspace& w = ws[static_cast<std::size_t>(thread)];
-    if (task.top) {
-      layer_top(L, keep[task.layer], w);
-    } else {
-      channel_range(L.weight, L.rows, L.cols, L.scale, L.result, task.begin, task.end, w);
+    try {
+      switch (task.kind) {
+        case Kind::range:
+          channel_range(L.weight, L.rows, L.cols, L.scale, L.result, task.begin, task.end, w);
+          break;
+        case Kind::top: layer_top(L, keep[task.layer], w); break;
+        case Kind::grams: {  // (begin is a multiple of kGroup)
+          struct Done {  // counts the task as done even if it throws (the waiter then goes on)
+            std::atomic<std::int64_t>& left;
+            ~Done() { left.fetch_sub(1, std::memory_order_release); }
+          } done{pending[task.layer]};
+          top_grams(L, task.begin / kGroup, (task.end + kGroup - 1) / kGroup,
+                    shared[static_cast<std::size_t>(task.layer)], w);
+          break;
+        }
+        case Kind::finish:
+          while (pending[task.layer].load(std::memory_order_acquire) > 0) {
+            if (failed.load()) return;
+            std::this_thread::yield();
+          }
+          top_finish(L, keep[task.layer], shared[static_cast<std::size_t>(task.layer)], w);
+          break;
+      }
+    } catch (...) {
+      failed.store(true);
+      throw;
     }
   });
 }

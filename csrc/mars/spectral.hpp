@@ -55,9 +55,14 @@ struct LayerView {
 // values gives the same bits. For float32 3x3 kernels (at least 9 input channels) the ranking
 // and the certificates use a Gram summed in float32 (half the arithmetic of the fp64 one) whose
 // rigorous error bound is taken off the threshold; the channels that are solved get their exact
-// fp64 Gram computed again from the weights. Applied to layers whose Gram order is 3..16 when such layers hold
-// at least 16 times the largest one's work (a round of many models: whole layers then spread
-// over the threads); otherwise every value is exact. The result does not depend on n_threads.
+// fp64 Gram computed again from the weights. Applied to layers whose Gram order is 3..16: one
+// task per layer when such layers hold at least 16 times the largest one's work (a round of many
+// models); otherwise (one model) to those whose channels are at least twice the size of their
+// Gram (3x3 float32: 36 input channels or more), each split into Gram tasks and a finishing task,
+// with the Grams kept in a buffer the calling thread reuses across calls (at most 64 MB; beyond
+// it every value is exact). The keep largest values are the same bits either way (the other
+// entries are exact values or bounds, depending on the layer's treatment in the batch), and no
+// value depends on n_threads.
 void channel_spectral_norms_batch(const LayerView<float>* layers, std::int64_t n_layers,
                                   int n_threads, const std::int64_t* keep = nullptr);
 void channel_spectral_norms_batch(const LayerView<double>* layers, std::int64_t n_layers,

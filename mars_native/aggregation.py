@@ -331,12 +331,22 @@ def aggregate_detected(
     first_valid = int(np.flatnonzero(report.labels >= 0)[0])  # matches detect()'s template
     model = global_state if global_state is not None else states[first_valid]
     out = _state_factory(model)()
-    cw = w[contributing]
+    cw = w[contributing]  # (checked: finite, >= 0, a positive sum)
+    n_threads = _threads(mars.n_threads)  # (0: the library default)
     for spec in _specs(model):
         if spec.is_float:
             base = None if global_state is None else _native(global_state[spec.key], spec.key)
-            value = weighted_mean([states[i][spec.key] for i in contributing], cw, spec.out_dtype,
-                                  base=base, server_lr=lr, n_threads=mars.n_threads)
+            arrays = [states[i][spec.key] for i in contributing]
+            value = None
+            if all(type(a) is np.ndarray for a in arrays):
+                # weighted_mean's fast path without checking the weights once per key
+                try:
+                    value = _core.aggregate(arrays, cw, spec.out_dtype, n_threads, base, lr)
+                except (TypeError, ValueError):
+                    value = None  # (converted, or a clear error, by weighted_mean)
+            if value is None:
+                value = weighted_mean(arrays, cw, spec.out_dtype, base=base, server_lr=lr,
+                                      n_threads=mars.n_threads)
         elif global_state is not None:
             value = np.array(to_numpy(global_state[spec.key], name=spec.key), copy=True)
         else:

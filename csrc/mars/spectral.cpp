@@ -397,9 +397,9 @@ struct Workspace {
   std::vector<double> lanes;  // kMaxGroups groups' Gram matrices, lane-interleaved (n x n x 4 each)
   std::vector<V4> eig;        // topeig workspace, kMaxGroups groups
   std::int64_t rows = -1, cols = -1;  // the layout the buffers were prepared for
-  // layer_top: a whole layer's Grams (lane-interleaved per group of 4, square),
-  // per-channel prescale, estimate and kind (NaN / computed exactly / to certify), and channel
-  // index lists.
+  // layer_top: a whole layer's TopData (Grams lane-interleaved per group of 4, square;
+  // per-channel prescale, estimate, error bound of the stored Gram and kind: NaN / computed
+  // exactly / to certify), and channel index lists.
   std::vector<double> store, sc, est, err;
   std::vector<unsigned char> kind;
   std::vector<std::int64_t> order, todo;

@@ -66,7 +66,7 @@ def batches(draw):
     # (36 or more input channels: one model's 3x3 float32 layers are pruned in two phases)
     rows = draw(st.integers(1, 20) | st.sampled_from([36, 40, 64, 72]))
     kernel = draw(st.sampled_from([(3, 3), (2, 2), (4, 4), (3,), (1, 1)]))
-    # >= 16 layers of one shape: the kernel prunes (fewer: it scores every channel exactly)
+    # >= 16 layers of one shape: one task per layer (fewer: split, or every value exact)
     n_layers = draw(st.sampled_from([1, 3, 16, 17, 20]))
     magnitude = draw(st.sampled_from([1.0, 1e-3, 1e150, 1e-150])) if dtype == np.float64 else 1.0
     weights, scales, keeps = [], [], []
@@ -236,12 +236,13 @@ def _near_tie_weight(rows: int, eps: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.concatenate([top, near, rest]).astype(np.float32)
 
 
-@pytest.mark.parametrize("rows", [9, 64, 300])
+# (16 layers: one task per layer; one layer of 36 or more inputs: Gram and finishing tasks)
+@pytest.mark.parametrize(("rows", "n_layers"), [(9, 16), (64, 16), (300, 16), (64, 1), (300, 1)])
 @pytest.mark.parametrize("keep", [1, 2, 5])
-def test_float32_gram_certificate_near_ties(rows, keep):
+def test_float32_gram_certificate_near_ties(rows, n_layers, keep):
     eps = np.array([1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 1e-3, 1e-2])
     w = _near_tie_weight(rows, eps, seed=rows + keep)
-    weights, scales = _layers_of(w)
+    weights, scales = _layers_of(w, n_layers)
     full = _core.channel_spectral_norms_batch(weights, scales, 2)
     top = _core.channel_spectral_norms_batch(weights, scales, 2, [keep] * len(weights))
     bounded = sum(_check_layer(f, t, keep) for f, t in zip(full, top))

@@ -40,6 +40,9 @@ constexpr int kMaxTile = 10;
 
 inline std::int64_t round_up4(std::int64_t x) { return (x + 3) & ~std::int64_t{3}; }
 
+// Order of a channel's Gram: that of its smaller side.
+inline std::int64_t gram_order(std::int64_t rows, std::int64_t cols) { return cols <= rows ? cols : rows; }
+
 inline void prefetch(const char* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(p, 0, 3);
@@ -400,8 +403,8 @@ struct Workspace {
   // layer_top: a whole layer's TopData (Grams lane-interleaved per group of 4, square;
   // per-channel prescale, estimate, error bound of the stored Gram and kind: NaN / computed
   // exactly / to certify), and channel index lists.
-  std::vector<double> store, sc, est, err;
-  std::vector<unsigned char> kind;
+  std::vector<double> top_doubles;
+  std::vector<unsigned char> top_bytes;
   std::vector<std::int64_t> order, todo;
 };
 
@@ -480,7 +483,7 @@ void gram_into_lane(const T* m, std::int64_t rows, std::int64_t cols, double s, 
 inline void prepare(Workspace& ws, std::int64_t rows, std::int64_t cols) {
   if (ws.rows == rows && ws.cols == cols) return;
   const bool by_columns = cols <= rows;
-  const std::int64_t n = by_columns ? cols : rows;
+  const std::int64_t n = gram_order(rows, cols);
   const std::int64_t ld = round_up4(cols);
   const std::int64_t staged =
       by_columns ? std::max<std::int64_t>(8, kBlockDoubles / ld) * ld : rows * ld;
@@ -511,7 +514,7 @@ template <typename T>
 void fill_lane(const T* w, std::int64_t rows, std::int64_t cols, std::int64_t k, double* lanes,
                int lane, double* sc, bool* bad, Workspace& ws) {
   const std::int64_t per_channel = rows * cols;
-  const std::int64_t n = cols <= rows ? cols : rows;
+  const std::int64_t n = gram_order(rows, cols);
   const T* m = w + k * per_channel;
   *sc = std::is_same<T, double>::value ? channel_scale(m, per_channel) : 1.0;
   *bad = std::isnan(*sc);
@@ -532,7 +535,7 @@ void fill_lane(const T* w, std::int64_t rows, std::int64_t cols, std::int64_t k,
 template <typename T>
 void fill_group(const T* w, std::int64_t rows, std::int64_t cols, std::int64_t k0, int used,
                 double* lanes, double* sc, bool* bad, Workspace& ws) {
-  const std::int64_t n = cols <= rows ? cols : rows;
+  const std::int64_t n = gram_order(rows, cols);
   for (int l = 0; l < kGroup; ++l) {
     if (l < used) {
       fill_lane(w, rows, cols, k0 + l, lanes, l, sc + l, bad + l, ws);
@@ -558,7 +561,7 @@ void channel_range(const T* w, std::int64_t rows, std::int64_t cols, const doubl
                    double* result, std::int64_t begin, std::int64_t end, Workspace& ws) {
   constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
   const std::int64_t per_channel = rows * cols;
-  const std::int64_t n = cols <= rows ? cols : rows;  // Gram of the smaller side
+  const std::int64_t n = gram_order(rows, cols);
   if (n == 1) {
     for (std::int64_t k = begin; k < end; ++k) {
       const T* m = w + k * per_channel;
@@ -632,7 +635,20 @@ struct TopData {
   unsigned char* kind;
 };
 
-inline std::int64_t gram_order(std::int64_t rows, std::int64_t cols) { return cols <= rows ? cols : rows; }
+// TopData of `out` channels with Gram order n: this many doubles and bytes.
+inline std::int64_t top_padded(std::int64_t out) { return (out + kGroup - 1) / kGroup * kGroup; }
+inline std::int64_t top_doubles(std::int64_t out, std::int64_t n) { return top_padded(out) * (n * n + 3); }
+
+// TopData carved from dp and bp (advanced past it).
+inline TopData carve_top_data(std::int64_t out, std::int64_t n, double*& dp, unsigned char*& bp) {
+  const std::int64_t padded = top_padded(out);
+  TopData d{dp, dp + padded * n * n, nullptr, nullptr, bp};
+  d.est = d.sc + padded;
+  d.err = d.est + padded;
+  dp = d.err + padded;
+  bp += padded;
+  return d;
+}
 
 // Float32 3x3 kernels: the store holds float32-summed Grams with an error bound (gram9_f32),
 // and the channels that are solved get their exact Gram from the weights again. Otherwise the
@@ -883,15 +899,12 @@ void top_finish(const LayerView<T>& L, std::int64_t keep, const TopData& d, Work
 template <typename T>
 void layer_top(const LayerView<T>& L, std::int64_t keep, Workspace& ws) {
   const std::int64_t n = gram_order(L.rows, L.cols);
-  const std::int64_t groups = (L.out + kGroup - 1) / kGroup;
-  const std::int64_t padded = groups * kGroup;
-  ws.store.resize(static_cast<std::size_t>(groups * n * n * kGroup));
-  ws.sc.resize(static_cast<std::size_t>(padded));
-  ws.est.resize(static_cast<std::size_t>(padded));
-  ws.err.resize(static_cast<std::size_t>(padded));
-  ws.kind.resize(static_cast<std::size_t>(padded));
-  const TopData d{ws.store.data(), ws.sc.data(), ws.est.data(), ws.err.data(), ws.kind.data()};
-  top_grams(L, 0, groups, d, ws);
+  ws.top_doubles.resize(static_cast<std::size_t>(top_doubles(L.out, n)));
+  ws.top_bytes.resize(static_cast<std::size_t>(top_padded(L.out)));
+  double* dp = ws.top_doubles.data();
+  unsigned char* bp = ws.top_bytes.data();
+  const TopData d = carve_top_data(L.out, n, dp, bp);
+  top_grams(L, 0, top_padded(L.out) / kGroup, d, ws);
   top_finish(L, keep, d, ws);
 }
 
@@ -963,14 +976,11 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
     const std::int64_t n = gram_order(L.rows, L.cols);
     return prunable(i) && L.rows * L.cols * static_cast<std::int64_t>(sizeof(T)) >= 2 * 8 * n * n;
   };
-  // TopData per padded channel: n^2 + 3 doubles and one byte.
   std::int64_t n_doubles = 0, n_bytes = 0;
   for (std::int64_t i = 0; i < n_layers && !whole; ++i) {
     if (!splittable(i)) continue;
-    const std::int64_t padded = (layers[i].out + kGroup - 1) / kGroup * kGroup;
-    const std::int64_t n = gram_order(layers[i].rows, layers[i].cols);
-    n_doubles += padded * (n * n + 3);
-    n_bytes += padded;
+    n_doubles += top_doubles(layers[i].out, gram_order(layers[i].rows, layers[i].cols));
+    n_bytes += top_padded(layers[i].out);
   }
   const bool split = n_doubles > 0 && n_doubles * 8 + n_bytes <= kSplitStoreMax;
   // Shared TopData of the split layers, carved from buffers that the calling thread keeps for
@@ -989,19 +999,8 @@ void spectral_batch_impl(const LayerView<T>* layers, std::int64_t n_layers, int 
     unsigned char* bp = cache.bytes.data();
     for (std::int64_t i = 0; i < n_layers; ++i) {
       if (!splittable(i)) continue;
-      const std::int64_t padded = (layers[i].out + kGroup - 1) / kGroup * kGroup;
       const std::int64_t n = gram_order(layers[i].rows, layers[i].cols);
-      TopData& d = shared[static_cast<std::size_t>(i)];
-      d.store = dp;
-      dp += padded * n * n;
-      d.sc = dp;
-      dp += padded;
-      d.est = dp;
-      dp += padded;
-      d.err = dp;
-      dp += padded;
-      d.kind = bp;
-      bp += padded;
+      shared[static_cast<std::size_t>(i)] = carve_top_data(layers[i].out, n, dp, bp);
     }
   }
   for (std::int64_t i = 0; i < n_layers; ++i) {

@@ -220,6 +220,19 @@ def _nothing_to_aggregate(report: Detection, global_state: Mapping[str, Any] | N
 
 
 # ---------------------------------------------------------------------------------- one tensor
+def _kernel_mean(arrays: Sequence[np.ndarray], w: np.ndarray, out_dtype: Any, base: Any,
+                 server_lr: float, n_threads: int) -> np.ndarray | None:
+    """The kernel's weighted mean of NumPy ``arrays`` as they are (``w`` checked, ``n_threads``
+    resolved), or None when it refuses them. It reads float32/float64 C-contiguous arrays of one
+    dtype and shape in place and refuses anything else, which :func:`weighted_mean`'s general
+    path then converts or reports. Without out_dtype the kernel keeps the input dtype, which is
+    the general path's rule for arrays of one dtype."""
+    try:
+        return _core.aggregate(list(arrays), w, out_dtype, n_threads, base, server_lr)
+    except (TypeError, ValueError):
+        return None
+
+
 def weighted_mean(
     arrays: Sequence[Any],
     weights: ArrayLike | None = None,
@@ -257,17 +270,12 @@ def weighted_mean(
         raise ValueError("weighted_mean() needs at least one array")
     n_threads = _threads(n_threads)
     server_lr = _check_server_lr(server_lr)
-    if all(type(a) is np.ndarray for a in arrays):
-        # Fast path: NumPy arrays go to the kernel as they are (it reads float32/float64
-        # C-contiguous arrays of one dtype and shape in place, and refuses anything else, which the
-        # general path below then converts or reports). Without out_dtype the kernel keeps the
-        # input dtype, which is the general path's rule for arrays of one dtype.
+    if all(type(a) is np.ndarray for a in arrays):  # fast path: NumPy arrays as they are
         w = check_weights(weights, len(arrays))
         if _sum_in_order(w) > 0:
-            try:
-                return _core.aggregate(list(arrays), w, out_dtype, n_threads, base, server_lr)
-            except (TypeError, ValueError):
-                pass
+            value = _kernel_mean(arrays, w, out_dtype, base, server_lr, n_threads)
+            if value is not None:
+                return value
     bufs = [_native(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
     base_arr = None if base is None else _native(base, "base")
     wide = any(b.dtype == np.float64 for b in bufs) or (base_arr is not None and base_arr.dtype == np.float64)
@@ -338,13 +346,9 @@ def aggregate_detected(
             base = None if global_state is None else _native(global_state[spec.key], spec.key)
             arrays = [states[i][spec.key] for i in contributing]
             value = None
-            if all(type(a) is np.ndarray for a in arrays):
-                # weighted_mean's fast path without checking the weights once per key
-                try:
-                    value = _core.aggregate(arrays, cw, spec.out_dtype, n_threads, base, lr)
-                except (TypeError, ValueError):
-                    value = None  # (converted, or a clear error, by weighted_mean)
-            if value is None:
+            if all(type(a) is np.ndarray for a in arrays):  # (the weights are not checked per key)
+                value = _kernel_mean(arrays, cw, spec.out_dtype, base, lr, n_threads)
+            if value is None:  # converted, or a clear error, by weighted_mean
                 value = weighted_mean(arrays, cw, spec.out_dtype, base=base, server_lr=lr,
                                       n_threads=mars.n_threads)
         elif global_state is not None:

@@ -341,15 +341,16 @@ def aggregate_detected(
     out = _state_factory(model)()
     cw = w[contributing]  # (checked: finite, >= 0, a positive sum)
     n_threads = _threads(mars.n_threads)  # (0: the library default)
-    for spec in _specs(model):
+    specs = _specs(model)
+    means = _means_in_one_call(specs, [states[i] for i in contributing], cw, global_state, lr,
+                               n_threads)
+    for spec in specs:
         if spec.is_float:
-            base = None if global_state is None else _native(global_state[spec.key], spec.key)
-            arrays = [states[i][spec.key] for i in contributing]
-            value = None
-            if all(type(a) is np.ndarray for a in arrays):  # (the weights are not checked per key)
-                value = _kernel_mean(arrays, cw, spec.out_dtype, base, lr, n_threads)
-            if value is None:  # converted, or a clear error, by weighted_mean
-                value = weighted_mean(arrays, cw, spec.out_dtype, base=base, server_lr=lr,
+            value = means.get(spec.key)
+            if value is None:  # converted, or a clear error naming the key, by weighted_mean
+                base = None if global_state is None else _native(global_state[spec.key], spec.key)
+                value = weighted_mean([states[i][spec.key] for i in contributing], cw,
+                                      spec.out_dtype, base=base, server_lr=lr,
                                       n_threads=mars.n_threads)
         elif global_state is not None:
             value = np.array(to_numpy(global_state[spec.key], name=spec.key), copy=True)
@@ -357,6 +358,39 @@ def aggregate_detected(
             value = _elementwise_max([to_numpy(states[i][spec.key], name=spec.key) for i in contributing])
         out[spec.key] = spec.restore(value)
     return out, report
+
+
+def _means_in_one_call(specs: Sequence[_Spec], states: Sequence[Mapping[str, Any]], w: np.ndarray,
+                       global_state: Mapping[str, Any] | None, server_lr: float,
+                       n_threads: int) -> dict[str, np.ndarray]:
+    """The weighted means of the float keys, key -> mean, in one native call (one parallel
+    region for the whole model: no per-key thread start-up, and a thread slowed down by the
+    machine does less of the work); the same values, bit for bit, as :func:`weighted_mean` per
+    key (tensors are read as :func:`weighted_mean` reads them: float32/float64 in place, others
+    converted). A key whose tensors cannot be read so is left out; everything is left out when
+    the kernel refuses its inputs. The caller takes what is left out through
+    :func:`weighted_mean`, which names the key. ``w``: checked weights, one per state."""
+    keys, groups, bases = [], [], []
+    for spec in specs:
+        if not spec.is_float:
+            continue
+        try:
+            arrays = [state[spec.key] if type(state[spec.key]) is np.ndarray
+                      else _native(state[spec.key], spec.key) for state in states]
+            base = None if global_state is None else _native(global_state[spec.key], spec.key)
+        except (TypeError, ValueError):
+            continue
+        keys.append(spec)
+        groups.append(arrays)
+        bases.append(base)
+    if not keys:
+        return {}
+    try:
+        means = _core.aggregate_many(groups, w, [spec.out_dtype for spec in keys], n_threads,
+                                     None if global_state is None else bases, server_lr)
+    except (TypeError, ValueError):
+        return {}
+    return {spec.key: mean for spec, mean in zip(keys, means)}
 
 
 # ---------------------------------------------------------------------------------- streaming

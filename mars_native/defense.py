@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mars_native import _cuda
-from mars_native._arrays import is_mapping, to_numpy
+from mars_native import _core, _cuda
+from mars_native._arrays import NATIVE_FLOAT_DTYPES, is_mapping, to_numpy
 from mars_native._native import wasserstein_1d
 from mars_native.cluster import KWMeans
 from mars_native.energy import (
@@ -37,6 +37,7 @@ from mars_native.validation import (
     Template,
     check_finite,
     check_state,
+    is_numpy_state,
     majority_template,
     non_finite_reason,
     on_device,
@@ -149,6 +150,20 @@ class Detection:
         lines.append(f"center distance {self.center_distance:.4g}; kept cluster {self.kept_cluster}; "
                      f"{int(self.accepted.sum())}/{self.n_clients} accepted")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _LayoutPlan:
+    """What :meth:`MARS._host_checks` finds for every host client that is a dict of NumPy arrays
+    with the template's layout (keys in the template's order, shapes, dtypes), found once per
+    round from the first such client: its scored layers, and the keys the finiteness check reads
+    (float keys that are not scored, in key order; None when one is not float32/float64, and
+    ``check_finite`` then decides)."""
+
+    keys: list[str]
+    layers: list[Layer]
+    skip: frozenset[str]
+    finite_keys: list[str] | None
 
 
 def _pad(rows: list[np.ndarray], width: int) -> np.ndarray:
@@ -335,6 +350,48 @@ class MARS:
             return [], self._no_layer_reason()
         return layers, None
 
+    def _layout_plan(
+        self, state: Any, template: Template, reference: Mapping[str, Any] | None
+    ) -> _LayoutPlan | None:
+        """The :class:`_LayoutPlan` of ``template`` from ``state`` (a dict of NumPy arrays whose
+        layout is ``template``), or None when a client of that layout is not usable (each such
+        client then finds its reason by itself)."""
+        if check_state(state, template, finite=False, layout=template) is not None:
+            return None
+        try:
+            layers = self.layers_for(state, reference, template)
+        except (TypeError, ValueError):
+            return None
+        if not layers:
+            return None
+        keys = list(state)
+        if not all(type(k) is str for k in keys):
+            return None
+        skip = frozenset(layer.weight_key for layer in layers)
+        floats = [(k, dtype) for k, (shape, dtype) in template.items()
+                  if dtype.kind in "fc" and math.prod(shape) and k not in skip]
+        finite_keys = ([k for k, _ in floats] if all(d in NATIVE_FLOAT_DTYPES for _, d in floats)
+                       else None)
+        return _LayoutPlan(keys, layers, skip, finite_keys)
+
+    def _planned_checks(self, state: dict, plan: _LayoutPlan) -> tuple[list[Layer], str | None]:
+        """:meth:`_host_checks` of a dict of NumPy arrays with the plan's layout: the same result,
+        from the plan (its layout checks and layers hold for every client of that layout), with
+        the finiteness test of the client's own values."""
+        reason = None
+        if plan.finite_keys is None:
+            reason = check_finite(state, skip=plan.skip)
+        elif plan.finite_keys:
+            try:
+                bad = int(_core.first_non_finite([state[k] for k in plan.finite_keys]))
+            except (TypeError, ValueError):  # e.g. a strided view: the general check decides
+                reason = check_finite(state, skip=plan.skip)
+            else:
+                if bad >= 0:
+                    key = plan.finite_keys[bad]
+                    reason = non_finite_reason(key, state[key])
+        return ([], reason) if reason is not None else (plan.layers, None)
+
     def _no_layer_reason(self) -> str:
         what = "conv layer followed by a BatchNorm" if self.mode == "official" else "conv layer"
         return f"no_scorable_layer: the model has no {what}"
@@ -343,15 +400,16 @@ class MARS:
         self, state: Any, layers: Sequence[Layer], energies: Mapping[str, np.ndarray]
     ) -> tuple[np.ndarray | None, str | None]:
         """The CBE of a host client from its BE values (non-finite ones name their weight)."""
+        try:  # (it refuses a NaN/Inf value: only then are the layers looked at one by one)
+            return concentrate(energies, self.kappa, self.mode, include_linear=self.include_linear), None
+        except (TypeError, ValueError) as exc:
+            error = exc
         for layer, be in zip(layers, energies.values()):
             if not np.isfinite(be).all():
                 reason = non_finite_reason(layer.weight_key, to_numpy(state[layer.weight_key]))
                 return None, reason or (f"non_finite: the backdoor energy of {layer.name!r} overflows "
                                         "float64 (finite weights times a huge BN scale)")
-        try:
-            return concentrate(energies, self.kappa, self.mode, include_linear=self.include_linear), None
-        except (TypeError, ValueError) as exc:
-            return None, _input_reason(exc)
+        return None, _input_reason(error)
 
     def _host_cbes(
         self,
@@ -365,9 +423,20 @@ class MARS:
         ``layouts``: the states' ``state_template`` (None entries: not known)."""
         results: list[tuple[np.ndarray | None, str | None]] = []
         checked: list[tuple[int, list[Layer]]] = []
+        plan: _LayoutPlan | None = None
+        planned = False  # (the plan is looked for once, at the first client it could cover)
         for i, state in enumerate(states):
             layout = layouts[i] if layouts is not None else None
-            layers, reason = self._host_checks(state, template, reference, layout)
+            if (template is not None and layout is not None and layout == template
+                    and is_numpy_state(state)):
+                if not planned:
+                    plan, planned = self._layout_plan(state, template, reference), True
+                if plan is not None and list(state) == plan.keys:
+                    layers, reason = self._planned_checks(state, plan)
+                else:
+                    layers, reason = self._host_checks(state, template, reference, layout)
+            else:
+                layers, reason = self._host_checks(state, template, reference, layout)
             if reason is None:
                 checked.append((i, layers))
             results.append((None, reason))

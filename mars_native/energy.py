@@ -56,20 +56,35 @@ def _bn_scales_many(
 ) -> list[list[np.ndarray]]:
     """:func:`_bn_scales` of several models (``(state_dict, bn_prefixes)`` each), all in one
     vectorised pass: one list of scales per model, the same values element for element."""
+    return _bn_scales_flat(groups, bn_eps, mode)[0]
+
+
+def _bn_scales_flat(
+    groups: Sequence[tuple[Mapping[str, Any], Sequence[str]]], bn_eps: float, mode: Mode
+) -> tuple[list[list[np.ndarray]], np.ndarray]:
+    """:func:`_bn_scales_many`, and the one float64 array every scale is a view of."""
     variances, gammas = [], []
+    names: dict[int, list[tuple[str, str, str]]] = {}  # id(bn_prefixes) -> (prefix, var, gamma keys)
     for state_dict, bn_prefixes in groups:
-        for bn_prefix in bn_prefixes:
-            prefix = f"{bn_prefix}." if bn_prefix else ""
-            var = to_numpy(state_dict[prefix + "running_var"], name=prefix + "running_var").reshape(-1)
-            gkey = prefix + "weight"
-            gamma = to_numpy(state_dict[gkey], name=gkey).reshape(-1) if gkey in state_dict else np.ones(var.size)
+        keys = names.get(id(bn_prefixes))
+        if keys is None:  # (the models of a round usually share one list of prefixes)
+            keys = names[id(bn_prefixes)] = [
+                (p, f"{p}.running_var", f"{p}.weight") if p else (p, "running_var", "weight")
+                for p in bn_prefixes]
+        for bn_prefix, vkey, gkey in keys:
+            var = state_dict[vkey]
+            if type(var) is not np.ndarray or var.ndim != 1:  # (NumPy vectors are used as they are)
+                var = to_numpy(var, name=vkey).reshape(-1)
+            gamma = state_dict[gkey] if gkey in state_dict else np.ones(var.size)
+            if type(gamma) is not np.ndarray or gamma.ndim != 1:
+                gamma = to_numpy(gamma, name=gkey).reshape(-1)
             if gamma.size != var.size:
                 raise ValueError(f"BatchNorm {bn_prefix!r}: weight has {gamma.size} values but "
                                  f"running_var has {var.size}")
             variances.append(var)
             gammas.append(gamma)
     if not variances:
-        return [[] for _ in groups]
+        return [[] for _ in groups], np.empty(0)
     var = np.concatenate(variances, dtype=np.float64, casting="same_kind")
     if mode == "official":
         var[np.isnan(var)] = 0.0
@@ -80,16 +95,16 @@ def _bn_scales_many(
     with np.errstate(over="ignore"):  # an overflow gives inf, which callers reject by name
         scale = np.divide(gamma, var, out=gamma)
     out: list[list[np.ndarray]] = []
-    start, index = 0, 0
+    start = 0
+    sizes = iter([v.size for v in variances])
     for _, bn_prefixes in groups:
         model = []
         for _ in bn_prefixes:
-            size = variances[index].size
+            size = next(sizes)
             model.append(scale[start:start + size])
             start += size
-            index += 1
         out.append(model)
-    return out
+    return out, scale
 
 
 def _layers(
@@ -187,16 +202,20 @@ def _layer_inputs_batch(
     states: Sequence[Mapping[str, Any]], layers: Sequence[Sequence[Layer]], bn_eps: float, mode: Mode
 ) -> list[tuple[list[np.ndarray], list[np.ndarray | None]]]:
     weights = [_scored_weights(state, found) for state, found in zip(states, layers)]
-    groups = [(state, [layer.bn_prefix for layer in found if layer.bn_prefix is not None])
-              for state, found in zip(states, layers)]
-    bn_scales = _bn_scales_many(groups, bn_eps, mode)  # type: ignore[arg-type]
+    prefixes: dict[int, list[str]] = {}  # id(layers) -> its BN prefixes (one list per layer list)
+    groups = []
+    for state, found in zip(states, layers):
+        bns = prefixes.get(id(found))
+        if bns is None:
+            bns = prefixes[id(found)] = [layer.bn_prefix for layer in found if layer.bn_prefix is not None]
+        groups.append((state, bns))
+    bn_scales, flat = _bn_scales_flat(groups, bn_eps, mode)
     out = []
     for found, w, model_scales in zip(layers, weights, bn_scales):
         bn = iter(model_scales)
         out.append((w, [next(bn) if layer.bn_prefix is not None else None for layer in found]))
     # (The scales are views of one array: one finiteness test for all of them.)
-    flat = [sc for _, scales in out for sc in scales if sc is not None]
-    if flat and not np.isfinite(np.concatenate(flat)).all():
+    if not np.isfinite(flat).all():
         for found, (_, scales) in zip(layers, out):
             for layer, sc in zip(found, scales):
                 if sc is not None and not np.isfinite(sc).all():
@@ -251,7 +270,11 @@ def score_inputs(
     for w, sc in inputs:
         weights += w
         scales += sc
-    keep = None if kappa is None else [cbe_keep(w.shape[0], kappa) for w in weights]
+    keep = None
+    if kappa is not None:
+        counts: dict[int, int] = {}  # out channels -> cbe_keep (the layers of a round repeat)
+        keep = [counts[n] if n in counts else counts.setdefault(n, cbe_keep(n, kappa))
+                for n in (w.shape[0] for w in weights)]
     values = iter(_core.channel_spectral_norms_batch(weights, scales, _threads(n_threads), keep))
     return [{layer.name: next(values) for layer in found} for found in layers]
 
@@ -386,8 +409,13 @@ def concentrate(
             "" if include_linear or mode == "official" else " (pass include_linear=True to score Linear layers)"
         ))
     rule = "ceil" if mode == "paper" else "quantile"
+    values = [be for be in energies.values() if be.size]
     # BE arrays from the CPU kernel (float64, contiguous) go straight to the compiled top-k (it
-    # checks kappa and the values); anything else through the public wrapper.
+    # checks kappa and the values), all layers in one call; anything else through the public
+    # wrapper, layer by layer.
+    if values and all(type(be) is np.ndarray and be.dtype == np.float64 and be.flags.c_contiguous
+                      for be in values):
+        return _core.top_k_concat(values, kappa, rule)
     parts = [_core.top_k_energy(be, kappa, rule)
              if type(be) is np.ndarray and be.dtype == np.float64 and be.flags.c_contiguous
              else top_k_energy(be, kappa, rule=rule)

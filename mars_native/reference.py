@@ -94,6 +94,12 @@ def top_k_energy(values: ArrayLike, kappa: float = 0.05, rule: str = "ceil") -> 
     raise ValueError(f'rule must be "ceil" or "quantile", got {rule!r}')
 
 
+def top_k_concat(layers: list[ArrayLike], kappa: float = 0.05, rule: str = "ceil") -> NDArray[np.float64]:
+    """Twin of ``_core.top_k_concat`` (bit-identical): :func:`top_k_energy` of every layer's
+    values, concatenated in layer order (a model's CBE from its BE values)."""
+    return np.concatenate([top_k_energy(v, kappa, rule) for v in layers])
+
+
 # ----------------------------------------------------------------------------- Wasserstein
 def wasserstein_1d(u: ArrayLike, v: ArrayLike, p: float = 1) -> float:
     """W_p between the empirical distributions of two 1-D samples of any lengths.
@@ -171,6 +177,23 @@ def aggregate(
             acc += wi * x.astype(np.float64)
     out = _base_step(acc / total, base, server_lr)
     return out.astype(out_dtype if out_dtype is not None else xs[0].dtype)
+
+
+def aggregate_many(
+    groups: list[list[ArrayLike]],
+    weights: ArrayLike,
+    out_dtypes: list[type | np.dtype | None] | None = None,
+    bases: list[ArrayLike | None] | None = None,
+    server_lr: float = 1.0,
+) -> list[np.ndarray]:
+    """Twin of ``_core.aggregate_many``: :func:`aggregate` of every group (the tensors of one
+    model, ``groups[k]`` one array per client) with the same weights; ``out_dtypes[k]`` and
+    ``bases[k]`` as ``aggregate``'s ``out_dtype`` and ``base`` (None: every out_dtype None, no
+    base)."""
+    n = len(groups)
+    out_dtypes = [None] * n if out_dtypes is None else out_dtypes
+    bases = [None] * n if bases is None else bases
+    return [aggregate(g, weights, d, b, server_lr) for g, d, b in zip(groups, out_dtypes, bases)]
 
 
 def stream_sum(arrays: list[ArrayLike]) -> float:

@@ -25,10 +25,14 @@ def _short(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+_NDARRAY_ONLY = frozenset({np.ndarray})
+
+
 def is_numpy_state(state: Any) -> bool:
     """True for a plain dict whose values are all NumPy arrays: the common CPU case, recognised
-    without looking at each value's library (a fast path for the hot per-client checks)."""
-    return isinstance(state, dict) and all(type(v) is np.ndarray for v in state.values())
+    without looking at each value's library (a fast path for the hot per-client checks; the
+    types are collected in C, without a Python-level loop)."""
+    return isinstance(state, dict) and _NDARRAY_ONLY.issuperset(set(map(type, state.values())))
 
 
 def on_device(state: Any) -> bool:
@@ -74,9 +78,13 @@ def majority_template(states: Any, layouts: list[Template | None] | None = None)
     arrays are skipped; None when there is none. ``layouts``: the states' precomputed
     :func:`state_templates`, if the caller has them.
     """
+    layouts = state_templates(states) if layouts is None else layouts
+    present = [tmpl for tmpl in layouts if tmpl is not None]
+    if present and all(tmpl == present[0] for tmpl in present):  # the common case: one layout
+        return present[0]
     counts: dict[frozenset, int] = {}
     first: dict[frozenset, Template] = {}
-    for tmpl in state_templates(states) if layouts is None else layouts:
+    for tmpl in layouts:
         if tmpl is None:
             continue
         key = frozenset((k, shape, dtype) for k, (shape, dtype) in tmpl.items())

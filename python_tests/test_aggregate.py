@@ -120,6 +120,98 @@ def test_thread_count_never_changes_a_bit(dtype):
         assert fin.tobytes() == fin1.tobytes()
 
 
+@st.composite
+def models(draw):
+    """(groups, weights, out_dtypes, bases, server_lr): the tensors of N clients' models (a few
+    keys of their own shape and dtype, some with a base), weights as in rounds()."""
+    n = draw(st.integers(1, 6))
+    weights = draw(st.lists(weight_values, min_size=n, max_size=n))
+    assume(sum(weights) > 0)
+    groups, out_dtypes, bases = [], [], []
+    for _ in range(draw(st.integers(0, 4))):
+        dtype = draw(float_dtypes)
+        shape = draw(shapes)
+        groups.append([draw(hnp.arrays(dtype, shape, elements=_values(dtype))) for _ in range(n)])
+        out_dtypes.append(draw(st.sampled_from([None, np.float32, np.float64])))
+        bases.append(draw(st.none() | hnp.arrays(dtype, shape, elements=_values(dtype))))
+    lr = draw(st.floats(min_value=-2.0, max_value=2.0))
+    return groups, np.asarray(weights), out_dtypes, bases, lr
+
+
+@given(models())
+def test_aggregate_many_is_aggregate_per_group(case):
+    groups, w, out_dtypes, bases, lr = case
+    got = _core.aggregate_many(groups, w, out_dtypes, 0, bases, lr)
+    assert len(got) == len(groups)
+    for g, d, b, mean in zip(groups, out_dtypes, bases, got):
+        one = _core.aggregate(g, w, d, 0, b, lr)  # the same values, bit for bit
+        assert mean.dtype == one.dtype and mean.shape == one.shape == g[0].shape
+        assert mean.tobytes() == one.tobytes()
+    # and the NumPy twin, in float64 (the float32 outputs are these rounded, tested above)
+    wide = _core.aggregate_many(groups, w, [np.float64] * len(groups), 0, bases, lr)
+    expected = reference.aggregate_many(groups, w, [np.float64] * len(groups), bases, lr)
+    for g, b, mean, ref in zip(groups, bases, wide, expected):
+        assert np.all(np.abs(mean - ref) <= _tolerance(g, w, b, lr))
+
+
+def test_aggregate_many_threads_and_zero_weights():
+    rng = np.random.default_rng(3)
+    sizes = [300_007, 1, 0, 70_000, 5]  # many tasks, a ragged tail, an empty tensor
+    groups = [[rng.standard_normal(s).astype(np.float32 if k % 2 else np.float64) for _ in range(6)]
+              for k, s in enumerate(sizes)]
+    groups[0][2][:] = np.nan  # a zero-weight client is not read
+    w = np.array([1.0, 2.0, 0.0, 3.5, 1e-3, 7.0])
+    bases = [None, g := groups[1][0] * 2, None, None, groups[4][1]]
+    assert g is bases[1]
+    ref = _core.aggregate_many(groups, w, None, 1, bases, 0.7)
+    for k, mean in enumerate(ref):
+        assert mean.tobytes() == _core.aggregate(groups[k], w, None, 1, bases[k], 0.7).tobytes()
+        assert np.isfinite(mean).all()
+    for threads in (2, 3, 7):
+        got = _core.aggregate_many(groups, w, None, threads, bases, 0.7)
+        assert [m.tobytes() for m in got] == [m.tobytes() for m in ref]
+    assert _core.aggregate_many([], w) == []
+
+
+def test_aggregate_many_rejects_bad_input_with_clear_errors():
+    a = np.ones((2, 3), np.float32)
+    w = np.ones(2)
+    with pytest.raises(TypeError, match="groups must be a list or tuple"):
+        _core.aggregate_many(a, w)
+    with pytest.raises(TypeError, match=r"groups\[0\] must be a list or tuple"):
+        _core.aggregate_many([a], w)
+    with pytest.raises(ValueError, match=r"groups\[1\] has 1 arrays but groups\[0\] has 2"):
+        _core.aggregate_many([[a, a], [a]], w)
+    with pytest.raises(ValueError, match=r"groups\[1\]\[1\] has shape \(3, 2\) but groups\[1\]\[0\] has shape \(2, 3\)"):
+        _core.aggregate_many([[a, a], [a, a.reshape(3, 2)]], w)
+    with pytest.raises(TypeError, match=r"groups\[0\]\[1\] has dtype float64.*groups\[0\]\[0\] has dtype float32"):
+        _core.aggregate_many([[a, a.astype(np.float64)]], w)
+    with pytest.raises(TypeError, match=r"groups\[0\]\[0\] must be float32 or float64"):
+        _core.aggregate_many([[a.astype(np.int32), a]], w)
+    with pytest.raises(ValueError, match=r"groups\[0\]\[1\] must be C-contiguous"):
+        _core.aggregate_many([[a, np.ones((3, 2), np.float32).T]], w)
+    with pytest.raises(ValueError, match=r"weights must have shape \(2,\)"):
+        _core.aggregate_many([[a, a]], np.ones(3))
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        _core.aggregate_many([[a, a]], [1.0, -1.0])
+    with pytest.raises(ValueError, match="positive, finite sum"):
+        _core.aggregate_many([[a, a]], [0.0, 0.0])
+    with pytest.raises(ValueError, match="out_dtypes has 2 entries but there are 1 groups"):
+        _core.aggregate_many([[a, a]], w, [None, None])
+    with pytest.raises(TypeError, match="out_dtype must be float32 or float64"):
+        _core.aggregate_many([[a, a]], w, [np.int64])
+    with pytest.raises(ValueError, match="bases has 0 entries but there are 1 groups"):
+        _core.aggregate_many([[a, a]], w, None, 0, [])
+    with pytest.raises(TypeError, match=r"bases\[0\] has dtype float64.*groups\[0\] has dtype float32"):
+        _core.aggregate_many([[a, a]], w, None, 0, [a.astype(np.float64)])
+    with pytest.raises(ValueError, match=r"bases\[0\] has shape \(6,\) but groups\[0\] has shape \(2, 3\)"):
+        _core.aggregate_many([[a, a]], w, None, 0, [a.ravel()])
+    with pytest.raises(ValueError, match="server_lr must be finite"):
+        _core.aggregate_many([[a, a]], w, None, 0, None, float("nan"))
+    with pytest.raises(ValueError, match="n_threads"):
+        _core.aggregate_many([[a, a]], w, None, -1)
+
+
 @given(float_dtypes.flatmap(lambda d: hnp.arrays(d, shapes, elements=_values(d))),
        st.floats(min_value=-1e3, max_value=1e3))
 def test_accumulate_matches_reference(x, weight):

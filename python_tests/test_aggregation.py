@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mars_native import reference
-from mars_native.aggregation import CANCELLATION_RATIO
+from mars_native.aggregation import CANCELLATION_RATIO, weighted_mean
 from mars_native.defense import MARS
 
 KEYS_SCORED = ("conv1.weight", "conv2.weight")
@@ -555,3 +555,27 @@ def test_round_misuse_and_add_rejected(base):
         rnd.finish()
     with pytest.raises(RuntimeError, match="round is finished"):
         rnd.add(states[0])
+
+
+@pytest.mark.parametrize("with_global", [False, True])
+def test_batch_aggregate_is_weighted_mean_per_key_bit_for_bit(base, round_with_attackers, with_global):
+    """Every float key of the batch aggregate (one native call for the whole model) is the
+    weighted_mean of that key, bit for bit, for NumPy and torch clients alike."""
+    torch = pytest.importorskip("torch")
+    states, _ = round_with_attackers
+    w = np.arange(1, len(states) + 1) * 1.5
+    gs = base if with_global else None
+    new, report = MARS().aggregate(states, weights=w, global_state=gs, server_lr=0.7)
+    idx = np.flatnonzero(report.accepted)
+    for key, v in new.items():
+        if v.dtype.kind != "f":
+            continue
+        want = weighted_mean([states[i][key] for i in idx], w[idx], v.dtype,
+                             base=None if gs is None else gs[key], server_lr=0.7)
+        assert v.tobytes() == want.tobytes(), key
+    tstates = [OrderedDict((k, torch.from_numpy(v)) for k, v in s.items()) for s in states]
+    tglobal = None if gs is None else OrderedDict((k, torch.from_numpy(v)) for k, v in gs.items())
+    tnew, treport = MARS().aggregate(tstates, weights=w, global_state=tglobal, server_lr=0.7)
+    np.testing.assert_array_equal(treport.accepted, report.accepted)
+    for key, v in new.items():
+        assert tnew[key].numpy().tobytes() == v.tobytes(), key

@@ -144,3 +144,58 @@ def test_check_finite_names_the_first_bad_tensor_in_key_order_for_any_array_kind
     assert check_finite({"c": bad_half, "a": bad_ok}).startswith("non_finite: 'c'")
     assert check_finite({"a": bad_ok, "c": bad_half}).startswith("non_finite: 'a'")
     assert check_finite({"a": bad_ok, "c": bad_half}, skip={"a"}).startswith("non_finite: 'c'")
+
+
+def test_shared_layout_checks_give_each_client_its_own_reason():
+    """Clients with the template's layout share its layout checks and scored layers (found once
+    per round); the finiteness check still reads each client's values, names the first bad
+    tensor in the client's own key order, and falls back to the general check for views the
+    native scan cannot read. Every reason and CBE is that of client_cbe alone."""
+    import torch
+
+    from mars_native.validation import majority_template, state_template
+
+    states = _states(9)
+    for s in states:
+        s["bn1.num_batches_tracked"] = np.array(3, dtype=np.int64)
+    states[1]["fc.bias"][2] = np.nan                          # last non-scored key
+    states[1]["bn1.running_mean"][0] = np.inf                 # ...and an earlier one: named first
+    states[2] = {k: states[2][k] for k in reversed(list(states[2]))}  # other key order
+    states[2]["fc.bias"][0] = np.nan
+    states[2]["bn1.running_mean"][1] = np.nan                 # fc.bias comes first in its order
+    fc = np.asfortranarray(states[3]["fc.weight"])            # a view the native scan refuses
+    fc[1, 1] = -np.inf
+    states[3]["fc.weight"] = fc
+    states[4]["fc.weight"] = np.asfortranarray(states[4]["fc.weight"])  # the same, all finite
+    states[5] = {k: torch.from_numpy(v.copy()) for k, v in states[5].items()}  # not NumPy
+    states[6]["bn2.weight"] = np.full(16, np.nan, np.float32)  # non-finite BN scale
+    mars = MARS(n_threads=2, epsilon=1e9)
+    report = mars.detect(states)
+    template = majority_template(states)
+    for i, state in enumerate(states):
+        cbe, reason = mars.client_cbe(state, template)
+        assert report.reasons[i] == reason, i
+        if reason is None:
+            np.testing.assert_array_equal(report.cbe[i], cbe)
+    assert report.reasons[1] == "non_finite: 'bn1.running_mean' has 1 NaN/Inf value(s) of 8"
+    assert report.reasons[2] == "non_finite: 'fc.bias' has 1 NaN/Inf value(s) of 4"
+    assert report.reasons[3] == "non_finite: 'fc.weight' has 1 NaN/Inf value(s) of 64"
+    assert report.reasons[6].startswith("non_finite: 'bn2.weight' has 16 NaN/Inf")
+    assert [r is None for r in report.reasons] == [True, False, False, False, True, True, False,
+                                                    True, True]
+    # with the global model as the template (and a client whose layout differs from it)
+    global_state = {k: v.copy() for k, v in _states(1, seed=5)[0].items()}
+    global_state["bn1.num_batches_tracked"] = np.array(0, dtype=np.int64)
+    states[7] = {k: v.astype(np.float64) if k == "fc.bias" else v for k, v in states[7].items()}
+    report = mars.detect(states, global_state)
+    for i, state in enumerate(states):
+        assert report.reasons[i] == mars.client_cbe(state, state_template(global_state), global_state)[1], i
+    assert report.reasons[7].startswith("dtype_mismatch: 'fc.bias'")
+
+
+def test_unsupported_dtype_in_the_shared_layout_rejects_every_client_by_itself():
+    states = _states(4)
+    for s in states:
+        s["extra"] = np.ones(3, np.complex64)
+    report = MARS(epsilon=1e9).detect(states)
+    assert report.reasons == ["invalid_type: 'extra' has unsupported dtype complex64"] * 4

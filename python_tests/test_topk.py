@@ -139,3 +139,31 @@ def test_bad_types_are_type_errors():
         mn.top_k_energy([1.0], "0.5")
     with pytest.raises(TypeError, match="rule"):
         mn.top_k_energy([1.0], 0.5, None)
+
+
+@given(st.lists(any_values, min_size=1, max_size=6), kappas, st.sampled_from(["ceil", "quantile"]))
+def test_top_k_concat_matches_reference(layers, kappa, rule):
+    arrays = [np.asarray(v, dtype=np.float64) for v in layers]
+    got = _core.top_k_concat(arrays, kappa, rule)
+    np.testing.assert_array_equal(got, reference.top_k_concat(arrays, kappa, rule))
+    np.testing.assert_array_equal(got, np.concatenate([mn.top_k_energy(a, kappa, rule) for a in arrays]))
+
+
+def test_top_k_concat_names_the_bad_layer():
+    good = np.arange(5.0)
+    with pytest.raises(ValueError, match=r"layers\[1\] contains NaN at index 2"):
+        _core.top_k_concat([good, np.array([1.0, 2.0, np.nan])], 0.5, "ceil")
+    with pytest.raises(ValueError, match=r"layers\[2\] must not be empty"):
+        _core.top_k_concat([good, good, np.array([])], 0.5, "ceil")
+    with pytest.raises(ValueError, match=r"layers\[0\] must be 1-D"):
+        _core.top_k_concat([np.ones((2, 2))], 0.5, "quantile")
+    with pytest.raises(ValueError, match="layers must not be empty"):
+        _core.top_k_concat([], 0.5, "ceil")
+    with pytest.raises(ValueError, match="kappa"):
+        _core.top_k_concat([good], 0.0, "ceil")
+    with pytest.raises(ValueError, match="rule"):
+        _core.top_k_concat([good], 0.5, "median")
+    with pytest.raises(TypeError, match="list or tuple"):
+        _core.top_k_concat(good, 0.5, "ceil")
+    with pytest.raises(TypeError, match="complex128"):
+        _core.top_k_concat([np.ones(3, np.complex128)], 0.5, "ceil")

@@ -1,4 +1,5 @@
 // aggregate(buffers, weights, out_dtype, n_threads, base, server_lr) -> weighted mean array
+// aggregate_many(groups, weights, out_dtypes, n_threads, bases, server_lr) -> list of means
 // accumulate(acc, x, weight, n_threads) -> (max_abs, checksum); acc += weight * x in place
 // finalize_mean(acc, total_weight, out_dtype, n_threads, base, server_lr) -> array
 // stream_sum(arrays, n_threads) -> float: every element read once (the benchmarks' floor)
@@ -74,6 +75,30 @@ py::array make_output(const std::vector<py::ssize_t>& shape) {
   return py::array_t<O>(shape);
 }
 
+// The checked weights of a mean over n buffers: finite, >= 0, a positive finite sum.
+std::vector<double> mean_weights(const py::object& weights_obj, std::size_t n) {
+  DoubleArray weights = as_float64(weights_obj, "weights");
+  if (weights.ndim() != 1 || weights.shape(0) != static_cast<py::ssize_t>(n)) {
+    throw std::invalid_argument("weights must have shape (" + std::to_string(n) +
+                                ",) (one per buffer), got shape " + shape_str(weights));
+  }
+  require_finite(weights, "weights");
+  std::vector<double> w(weights.data(), weights.data() + weights.shape(0));
+  double total = 0.0;
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    if (w[i] < 0.0) {
+      throw std::invalid_argument("weights must be >= 0, got " + std::to_string(w[i]) +
+                                  " at index " + std::to_string(i));
+    }
+    total += w[i];
+  }
+  if (!(total > 0.0) || !std::isfinite(total)) {
+    throw std::invalid_argument("weights must have a positive, finite sum, got " +
+                                std::to_string(total));
+  }
+  return w;
+}
+
 template <typename T, typename O>
 py::array aggregate_typed(const std::vector<py::array>& buffers, const std::vector<double>& w,
                           const py::array* base, double server_lr, int n_threads) {
@@ -128,25 +153,7 @@ py::array aggregate(const py::object& buffers_obj, const py::object& weights_obj
     require_flat(arr, name);
     buffers.push_back(std::move(arr));
   }
-  DoubleArray weights = as_float64(weights_obj, "weights");
-  if (weights.ndim() != 1 || weights.shape(0) != static_cast<py::ssize_t>(buffers.size())) {
-    throw std::invalid_argument("weights must have shape (" + std::to_string(buffers.size()) +
-                                ",) (one per buffer), got shape " + shape_str(weights));
-  }
-  require_finite(weights, "weights");
-  std::vector<double> w(weights.data(), weights.data() + weights.shape(0));
-  double total = 0.0;
-  for (std::size_t i = 0; i < w.size(); ++i) {
-    if (w[i] < 0.0) {
-      throw std::invalid_argument("weights must be >= 0, got " + std::to_string(w[i]) +
-                                  " at index " + std::to_string(i));
-    }
-    total += w[i];
-  }
-  if (!(total > 0.0) || !std::isfinite(total)) {
-    throw std::invalid_argument("weights must have a positive, finite sum, got " +
-                                std::to_string(total));
-  }
+  const std::vector<double> w = mean_weights(weights_obj, buffers.size());
   py::array base;
   const bool has_base = !base_obj.is_none();
   if (has_base) {
@@ -169,6 +176,113 @@ py::array aggregate(const py::object& buffers_obj, const py::object& weights_obj
   }
   return out_kind == Float::f32 ? aggregate_typed<double, float>(buffers, w, bp, server_lr, n_threads)
                                 : aggregate_typed<double, double>(buffers, w, bp, server_lr, n_threads);
+}
+
+py::sequence sequence_arg(const py::object& obj, const std::string& name) {
+  if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj)) {
+    throw py::type_error(name + " must be a list or tuple, got " +
+                         py::str(py::type::of(obj)).cast<std::string>());
+  }
+  return py::reinterpret_borrow<py::sequence>(obj);
+}
+
+// The tensors of one model (groups[k]: one array per client, one dtype and shape per group),
+// averaged with one set of weights in one parallel region: the values of aggregate() per group.
+py::list aggregate_many(const py::object& groups_obj, const py::object& weights_obj,
+                        const py::object& out_dtypes_obj, int n_threads, const py::object& bases_obj,
+                        double server_lr) {
+  n_threads = threads_arg(n_threads);
+  finite_arg(server_lr, "server_lr");
+  const auto groups = sequence_arg(groups_obj, "groups");
+  const std::size_t n_groups = py::len(groups);
+  const bool per_group_dtype = !out_dtypes_obj.is_none();
+  py::sequence out_dtypes;
+  if (per_group_dtype) {
+    out_dtypes = sequence_arg(out_dtypes_obj, "out_dtypes");
+    if (py::len(out_dtypes) != n_groups) {
+      throw std::invalid_argument("out_dtypes has " + std::to_string(py::len(out_dtypes)) +
+                                  " entries but there are " + std::to_string(n_groups) + " groups");
+    }
+  }
+  py::sequence bases;
+  const bool has_bases = !bases_obj.is_none();
+  if (has_bases) {
+    bases = sequence_arg(bases_obj, "bases");
+    if (py::len(bases) != n_groups) {
+      throw std::invalid_argument("bases has " + std::to_string(py::len(bases)) +
+                                  " entries but there are " + std::to_string(n_groups) + " groups");
+    }
+  }
+  std::size_t n_buffers = 0;
+  std::vector<py::array> keep;  // every array read or written, alive until the end
+  std::vector<std::vector<const void*>> pointers(n_groups);
+  std::vector<mars::aggregate::MeanJob> jobs(n_groups);
+  py::list outs;
+  for (std::size_t k = 0; k < n_groups; ++k) {
+    const std::string gname = item_name("groups", k);
+    const auto group = sequence_arg(groups[k], gname);
+    if (k == 0) {
+      n_buffers = py::len(group);
+      if (n_buffers == 0) throw std::invalid_argument("groups[0] must not be empty");
+    } else if (py::len(group) != n_buffers) {
+      throw std::invalid_argument(gname + " has " + std::to_string(py::len(group)) +
+                                  " arrays but groups[0] has " + std::to_string(n_buffers));
+    }
+    Float kind = Float::f32;
+    std::vector<py::ssize_t> shape;
+    py::array first;
+    for (std::size_t i = 0; i < n_buffers; ++i) {
+      const py::object item = group[i];
+      const std::string name = gname + "[" + std::to_string(i) + "]";
+      const Float k_i = float_kind(item, name);
+      auto arr = py::reinterpret_borrow<py::array>(item);
+      if (i == 0) {
+        kind = k_i;
+        shape = shape_of(arr);
+        first = arr;
+      } else if (k_i != kind) {
+        throw py::type_error(name + " has " + describe(arr) + " but " + gname +
+                             "[0] has dtype " + dtype_str(first));
+      } else if (shape_of(arr) != shape) {
+        throw std::invalid_argument(name + " has shape " + shape_str(arr) + " but " + gname +
+                                    "[0] has shape " + shape_str(first));
+      }
+      require_flat(arr, name);
+      pointers[k].push_back(arr.data());
+      keep.push_back(std::move(arr));
+    }
+    const void* base = nullptr;
+    if (has_bases && !py::object(bases[k]).is_none()) {
+      const py::object base_obj = bases[k];
+      const std::string bname = item_name("bases", k);
+      auto b = py::reinterpret_borrow<py::array>(base_obj);
+      if (float_kind(base_obj, bname) != kind) {
+        throw py::type_error(bname + " has " + describe(b) + " but " + gname + " has dtype " +
+                             dtype_str(first));
+      }
+      if (shape_of(b) != shape) {
+        throw std::invalid_argument(bname + " has shape " + shape_str(b) + " but " + gname +
+                                    " has shape " + shape_str(first));
+      }
+      require_flat(b, bname);
+      base = b.data();
+      keep.push_back(std::move(b));
+    }
+    const Float out_kind =
+        per_group_dtype ? parse_out_dtype(py::object(out_dtypes[k]), kind) : kind;
+    py::array out = out_kind == Float::f32 ? make_output<float>(shape) : make_output<double>(shape);
+    jobs[k] = {pointers[k].data(), base, out.mutable_data(), static_cast<std::int64_t>(out.size()),
+               kind == Float::f64, out_kind == Float::f64};
+    outs.append(out);
+  }
+  if (n_groups == 0) return outs;
+  const std::vector<double> w = mean_weights(weights_obj, n_buffers);
+  {
+    py::gil_scoped_release release;
+    mars::aggregate::aggregate_many(jobs.data(), static_cast<std::int64_t>(n_groups), w.data(),
+                                    static_cast<std::int64_t>(n_buffers), n_threads, server_lr);
+  }
+  return outs;
 }
 
 // The float64 accumulator: C-contiguous, aligned, writeable.
@@ -321,6 +435,14 @@ void register_aggregate(py::module_& m) {
         "Weighted mean of equally shaped float32/float64 arrays (one dtype, C-contiguous) with fp64 "
         "accumulation in buffer order: sum_i w_i x_i / sum_i w_i; with base: base + server_lr * "
         "(mean - base). Zero-weight buffers are not read. Bit-identical for any n_threads.");
+  m.def("aggregate_many", &aggregate_many, py::arg("groups"), py::arg("weights"),
+        py::arg("out_dtypes") = py::none(), py::arg("n_threads") = 0, py::arg("bases") = py::none(),
+        py::arg("server_lr") = 1.0,
+        "aggregate() of several tensors with one set of weights: groups[k] holds one array per "
+        "buffer (float32/float64, one dtype and shape per group, C-contiguous); out_dtypes[k] and "
+        "bases[k] (None entries allowed) as aggregate()'s out_dtype and base. Returns the list of "
+        "means, the same values bit for bit as one aggregate() call per group, computed in one "
+        "parallel region whose tasks go to whichever thread is free.");
   m.def("accumulate", &accumulate, py::arg("acc"), py::arg("x"), py::arg("weight"),
         py::arg("n_threads") = 0,
         "acc += weight * x in place (acc float64, x float32/float64, same size, C-contiguous). "

@@ -1,4 +1,5 @@
 // top_k_energy(values, kappa, rule) -> float64 1-D
+// top_k_concat(layers, kappa, rule) -> float64 1-D: top_k_energy of every layer, concatenated
 #include "common.hpp"
 #include "mars/topk.hpp"
 
@@ -9,33 +10,71 @@ namespace mars_bindings {
 
 namespace {
 
-py::array_t<double> top_k_energy(const py::object& values_obj, double kappa,
-                                 const std::string& rule) {
+void check_rule(const std::string& rule, double kappa) {
   if (rule != "ceil" && rule != "quantile") {
     throw std::invalid_argument("rule must be \"ceil\" or \"quantile\", got \"" + rule + "\"");
   }
   if (!(kappa > 0.0 && kappa <= 1.0)) {
     throw std::invalid_argument("kappa must be in (0, 1], got " + py::repr(py::float_(kappa)).cast<std::string>());
   }
-  DoubleArray values = as_float64(values_obj, "values");
+}
+
+// One layer's values: 1-D, non-empty, finite (ValueError naming `name` otherwise).
+DoubleArray layer_values(const py::handle& obj, const std::string& name) {
+  DoubleArray values = as_float64(obj, name.c_str());
   if (values.ndim() != 1) {
-    throw std::invalid_argument("values must be 1-D, got shape " + shape_str(values));
+    throw std::invalid_argument(name + " must be 1-D, got shape " + shape_str(values));
   }
   if (values.shape(0) == 0) {
-    throw std::invalid_argument("values must not be empty (shape (0,))");
+    throw std::invalid_argument(name + " must not be empty (shape (0,))");
   }
-  require_finite(values, "values");
+  require_finite(values, name.c_str());
+  return values;
+}
+
+std::vector<double> top_values(const DoubleArray& values, double kappa, const std::string& rule) {
   const double* vp = values.data();
   const std::int64_t n = values.shape(0);
+  return rule == "ceil" ? mars::topk::top_k_ceil(vp, n, kappa)
+                        : mars::topk::top_k_quantile(vp, n, kappa);
+}
+
+py::array_t<double> to_array(const std::vector<double>& v) {
+  py::array_t<double> result(static_cast<py::ssize_t>(v.size()));
+  std::copy(v.begin(), v.end(), result.mutable_data());
+  return result;
+}
+
+py::array_t<double> top_k_energy(const py::object& values_obj, double kappa,
+                                 const std::string& rule) {
+  check_rule(rule, kappa);
+  const DoubleArray values = layer_values(values_obj, "values");
   std::vector<double> kept;
   {
     py::gil_scoped_release release;
-    kept = rule == "ceil" ? mars::topk::top_k_ceil(vp, n, kappa)
-                          : mars::topk::top_k_quantile(vp, n, kappa);
+    kept = top_values(values, kappa, rule);
   }
-  py::array_t<double> result(static_cast<py::ssize_t>(kept.size()));
-  std::copy(kept.begin(), kept.end(), result.mutable_data());
-  return result;
+  return to_array(kept);
+}
+
+// The CBE of one model from its layers' values: top_k_energy of each, concatenated in order
+// (one call instead of one per layer; the layers are small, so the GIL is kept).
+py::array_t<double> top_k_concat(const py::object& layers_obj, double kappa,
+                                 const std::string& rule) {
+  check_rule(rule, kappa);
+  if (!py::isinstance<py::list>(layers_obj) && !py::isinstance<py::tuple>(layers_obj)) {
+    throw py::type_error("layers must be a list or tuple of arrays, got " +
+                         py::str(py::type::of(layers_obj)).cast<std::string>());
+  }
+  const auto layers = py::reinterpret_borrow<py::sequence>(layers_obj);
+  if (py::len(layers) == 0) throw std::invalid_argument("layers must not be empty");
+  std::vector<double> out;
+  for (std::size_t i = 0; i < py::len(layers); ++i) {
+    const DoubleArray values = layer_values(layers[i], "layers[" + std::to_string(i) + "]");
+    const std::vector<double> kept = top_values(values, kappa, rule);
+    out.insert(out.end(), kept.begin(), kept.end());
+  }
+  return to_array(out);
 }
 
 double linear_quantile(const py::object& values_obj, double q) {
@@ -60,6 +99,10 @@ void register_topk(py::module_& m) {
         "Per-layer concentration: the ceil(kappa*n) largest values sorted descending (rule "
         "\"ceil\"), or every value >= numpy's linear (1-kappa) quantile in input order (rule "
         "\"quantile\").");
+  m.def("top_k_concat", &top_k_concat, py::arg("layers"), py::arg("kappa") = 0.05,
+        py::arg("rule") = "ceil",
+        "top_k_energy of every layer's values (1-D, non-empty, finite), concatenated in layer "
+        "order: a model's CBE from its BE values in one call.");
   m.def("linear_quantile", &linear_quantile, py::arg("values"), py::arg("q"),
         "numpy.quantile(values, q) (method \"linear\"), bit for bit: the threshold of rule "
         "\"quantile\".");

@@ -34,6 +34,24 @@ void aggregate(const T* const* buffers, const double* weights, std::int64_t n_bu
                std::int64_t n_elems, O* out, int n_threads, const T* base = nullptr,
                double server_lr = 1.0);
 
+// One tensor of aggregate_many: n_buffers client buffers of n_elems values (double when in64,
+// else float), an optional base of the same type (null: plain mean) and the output (double when
+// out64, else float).
+struct MeanJob {
+  const void* const* buffers;
+  const void* base;
+  void* out;
+  std::int64_t n_elems;
+  bool in64;
+  bool out64;
+};
+
+// aggregate() of every job (the tensors of one model), with the same weights for all: the same
+// values, bit for bit, as one aggregate() call per job, in one parallel region whose tasks
+// (blocks of a tensor) go to whichever thread is free.
+void aggregate_many(const MeanJob* jobs, std::int64_t n_jobs, const double* weights,
+                    std::int64_t n_buffers, int n_threads, double server_lr = 1.0);
+
 // acc[j] += weight * x[j] for j < n. T: float or double.
 template <typename T>
 BufferStats accumulate(double* acc, const T* x, double weight, std::int64_t n, int n_threads);

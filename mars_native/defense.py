@@ -368,8 +368,8 @@ class MARS:
         if not all(type(k) is str for k in keys):
             return None
         skip = frozenset(layer.weight_key for layer in layers)
-        floats = [(k, dtype) for k, (shape, dtype) in template.items()
-                  if dtype.kind in "fc" and math.prod(shape) and k not in skip]
+        floats = [(k, template[k][1]) for k in keys  # (in the client's key order)
+                  if template[k][1].kind in "fc" and math.prod(template[k][0]) and k not in skip]
         finite_keys = ([k for k, _ in floats] if all(d in NATIVE_FLOAT_DTYPES for _, d in floats)
                        else None)
         return _LayoutPlan(keys, layers, skip, finite_keys)

@@ -186,11 +186,13 @@ def test_shared_layout_checks_give_each_client_its_own_reason():
     # with the global model as the template (and a client whose layout differs from it)
     global_state = {k: v.copy() for k, v in _states(1, seed=5)[0].items()}
     global_state["bn1.num_batches_tracked"] = np.array(0, dtype=np.int64)
+    global_state = {k: global_state[k] for k in reversed(list(global_state))}  # other key order
     states[7] = {k: v.astype(np.float64) if k == "fc.bias" else v for k, v in states[7].items()}
     report = mars.detect(states, global_state)
     for i, state in enumerate(states):
         assert report.reasons[i] == mars.client_cbe(state, state_template(global_state), global_state)[1], i
     assert report.reasons[7].startswith("dtype_mismatch: 'fc.bias'")
+    assert report.reasons[1] == "non_finite: 'bn1.running_mean' has 1 NaN/Inf value(s) of 8"
 
 
 def test_unsupported_dtype_in_the_shared_layout_rejects_every_client_by_itself():

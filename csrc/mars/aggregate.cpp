@@ -16,9 +16,11 @@ namespace aggregate {
 
 namespace {
 
-// Elements per cache block: the fp64 partial sums of one block (8 KiB) stay in L1 while every
-// client's slice of the block streams through once.
-constexpr std::int64_t kBlock = 1024;
+// Elements per cache block: the fp64 partial sums of one block (32 KiB) stay in L1/L2 while
+// every client's slice of the block streams through once. Longer slices keep the hardware
+// prefetchers on each client's stream: the mean of 16 ResNet-18 clients took 0.9x the time of
+// 1024-element blocks with 4096 (2048: 0.95x, 8192: 0.9x, 512: 1.25x; 2-core EPYC VM).
+constexpr std::int64_t kBlock = 4096;
 // Minimum elements per thread chunk (smaller arrays run on the calling thread).
 constexpr std::int64_t kGrain = 1 << 15;
 

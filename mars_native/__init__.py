@@ -11,9 +11,11 @@ from __future__ import annotations
 from mars_native import io
 from mars_native._core import build_info as _build_info
 from mars_native._native import (
+    buffer_cache_info,
     channel_spectral_norms,
     get_num_threads,
     pairwise_wasserstein,
+    set_buffer_cache_limit,
     set_num_threads,
     top_k_energy,
     wasserstein_1d,
@@ -52,6 +54,7 @@ __all__ = [
     "__version__",
     "backdoor_energies",
     "backdoor_energy",
+    "buffer_cache_info",
     "build_info",
     "channel_spectral_norms",
     "concentrated_backdoor_energies",
@@ -60,6 +63,7 @@ __all__ = [
     "get_num_threads",
     "io",
     "pairwise_wasserstein",
+    "set_buffer_cache_limit",
     "set_num_threads",
     "top_k_energy",
     "wasserstein_1d",

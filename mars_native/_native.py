@@ -22,9 +22,11 @@ from mars_native import _core, _cuda
 from mars_native._arrays import to_numpy
 
 __all__ = [
+    "buffer_cache_info",
     "channel_spectral_norms",
     "get_num_threads",
     "pairwise_wasserstein",
+    "set_buffer_cache_limit",
     "set_num_threads",
     "top_k_count",
     "top_k_energy",
@@ -100,6 +102,38 @@ def set_num_threads(n: int | None) -> None:
 def get_num_threads() -> int:
     """The default number of threads of every kernel."""
     return int(_core.get_num_threads())
+
+
+def buffer_cache_info() -> dict[str, int]:
+    """The core's cache of host memory blocks behind the large arrays it returns (the means of
+    :meth:`MARS.aggregate` and of a streaming round, the round's float64 running sum).
+
+    A block whose array Python frees is kept and handed out again for an array of the same
+    size, so that a server that drops last round's model (or running sum) does not page-fault
+    the next one in. On the 2-core benchmark VM, 20 ResNet-18 clients, cache on vs off in one
+    process (medians of 9, interleaved): streaming round 0.42-0.47x the time (its 90 MB float64
+    sum), batch round 0.94-0.99x. Arrays from the cache are ordinary writeable NumPy arrays
+    whose ``base`` is the capsule that gives the block back.
+
+    Returns:
+        ``limit_bytes``, ``cached_bytes`` and ``cached_blocks`` (freed blocks kept for reuse),
+        ``hits`` and ``misses`` (requests served from the cache / allocated).
+    """
+    return {str(k): int(v) for k, v in _core.buffer_cache_info().items()}
+
+
+def set_buffer_cache_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of freed blocks for reuse (default 512 MiB); blocks beyond the new
+    limit are freed at once, and ``0`` frees them all and turns the cache off. Blocks held by
+    live arrays are not affected. See :func:`buffer_cache_info`.
+
+    Raises ``ValueError`` for a negative size and ``TypeError`` for a non-integer.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"nbytes must be an integer number of bytes, got {type(nbytes).__name__}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    _core.set_buffer_cache_limit(min(int(nbytes), 2**62))
 
 
 def channel_spectral_norms(

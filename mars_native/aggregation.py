@@ -487,7 +487,9 @@ class Round:
         self._specs, self._factory = model
         self._template = {s.key: (s.shape, s.np_dtype) for s in self._specs}
         n = sum(s.size for s in self._specs if s.is_float)
-        self._acc = np.zeros(n, dtype=np.float64)
+        # (from the core's buffer cache: the previous round's sum, if it was dropped, is reused
+        # instead of faulting in fresh zero pages)
+        self._acc = _core.cached_zeros(n, self._n_threads)
 
     def _float_specs(self) -> list[_Spec]:
         assert self._specs is not None

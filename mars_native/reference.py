@@ -196,6 +196,12 @@ def aggregate_many(
     return [aggregate(g, weights, d, b, server_lr) for g, d, b in zip(groups, out_dtypes, bases)]
 
 
+def cached_zeros(n: int) -> NDArray[np.float64]:
+    """Twin of ``_core.cached_zeros``: ``n`` float64 zeros (the core's come from its buffer
+    cache)."""
+    return np.zeros(n, dtype=np.float64)
+
+
 def stream_sum(arrays: list[ArrayLike]) -> float:
     """Sum of every element of every float array (each of shape anything), in float64.
 

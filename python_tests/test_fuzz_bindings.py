@@ -105,6 +105,9 @@ same_shape_lists = st.integers(1, 4).flatmap(
 #: binding name -> strategies for its positional arguments (each may be swapped for junk)
 SPECS: dict[str, list[st.SearchStrategy]] = {
     "build_info": [],
+    "buffer_cache_info": [],
+    "set_buffer_cache_limit": [st.sampled_from([0, 1, 512 << 20, -1, 2**63, 10**30])],
+    "cached_zeros": [st.integers(-3, 5000), threads],
     "get_num_threads": [],
     "set_num_threads": [st.integers(-3, 4)],
     "channel_spectral_norms": [views(raw_arrays([np.float32, np.float64, np.float16, np.int32], min_dims=1)),
@@ -157,21 +160,29 @@ def test_every_binding_is_fuzzed():
 
 
 @contextlib.contextmanager
-def _restore_threads():
+def _restore_globals():
+    """The default thread count and the buffer cache limit as they were (fuzzed setters)."""
     before = _core.get_num_threads()
+    limit = _core.buffer_cache_info()["limit_bytes"]
     try:
         yield
     finally:
         _core.set_num_threads(0)
         if before != _core.get_num_threads():
             _core.set_num_threads(before)
+        _core.set_buffer_cache_limit(limit)
 
 
-def _call(fn, args) -> None:
+#: bindings that allocate what their arguments ask for: a MemoryError is their clean answer to
+#: a request this machine cannot hold (as numpy.zeros gives)
+ALLOCATORS = {"cached_zeros"}
+
+
+def _call(fn, args, allowed=ALLOWED) -> None:
     with np.errstate(all="ignore"):
         try:
             fn(*args)
-        except ALLOWED:
+        except allowed:
             pass
 
 
@@ -190,8 +201,9 @@ def test_binding_gives_a_result_or_a_clean_error(name, data):
         args = args[: data.draw(st.integers(0, len(args) - 1), label="keep")]
     elif mode == "more":
         args.append(data.draw(junk, label="extra"))
-    with _restore_threads():
-        _call(getattr(_core, name), args)
+    with _restore_globals():
+        _call(getattr(_core, name), args,
+              (*ALLOWED, MemoryError) if name in ALLOCATORS else ALLOWED)
 
 
 # ---------------------------------------------------------------------------------- wrappers

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "buffers.hpp"
 #include "common.hpp"
 #include "mars/aggregate.hpp"
 #include "mars/stream.hpp"
@@ -70,9 +71,11 @@ std::vector<py::ssize_t> shape_of(const py::array& a) {
   return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim());
 }
 
+// Outputs come from the buffer cache (buffers.hpp): a round's new model reuses the pages of one
+// the server has dropped instead of faulting fresh ones in.
 template <typename O>
 py::array make_output(const std::vector<py::ssize_t>& shape) {
-  return py::array_t<O>(shape);
+  return cached_array_of<O>(shape);
 }
 
 // The checked weights of a mean over n buffers: finite, >= 0, a positive finite sum.

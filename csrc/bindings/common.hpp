@@ -25,6 +25,7 @@ void register_wasserstein(py::module_& m);
 void register_aggregate(py::module_& m);
 void register_kwmeans(py::module_& m);
 void register_cuda(py::module_& m);
+void register_buffers(py::module_& m);
 
 // "(3, 4)" for a (3, 4) array, "(5,)" for a 1-D one, "()" for a scalar.
 inline std::string shape_str(const py::array& a) {

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m) {
   mars_bindings::register_aggregate(m);
   mars_bindings::register_kwmeans(m);
   mars_bindings::register_cuda(m);
+  mars_bindings::register_buffers(m);
 }

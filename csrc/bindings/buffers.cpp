@@ -11,7 +11,9 @@
 #include <mutex>
 #include <new>
 
+#if __has_include(<unistd.h>)
 #include <unistd.h>
+#endif
 
 #include "mars/parallel.hpp"
 
@@ -142,10 +144,12 @@ py::array cached_zeros(long long n, int n_threads) {
 
 // Bytes of physical memory (a large fallback when the system does not say).
 std::size_t physical_memory() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
   const long pages = sysconf(_SC_PHYS_PAGES);
   const long page = sysconf(_SC_PAGESIZE);
-  if (pages <= 0 || page <= 0) return std::size_t{1} << 44;
-  return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
+  if (pages > 0 && page > 0) return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
+#endif
+  return std::size_t{1} << 44;
 }
 
 }  // namespace

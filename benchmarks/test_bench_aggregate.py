@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mars_native.bench import baselines as bl
@@ -26,4 +27,5 @@ def test_torch_stack_mean(benchmark, resnet18):
 
 @pytest.mark.benchmark(group=GROUP)
 def test_floor(benchmark, resnet18, reader):
-    benchmark(bl.aggregate_floor, resnet18.states, resnet18.keys, reader)
+    out = {k: np.empty_like(resnet18.states[0][k]) for k in resnet18.keys}
+    benchmark(bl.aggregate_floor, resnet18.states, resnet18.keys, reader, out)

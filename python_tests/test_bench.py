@@ -154,7 +154,9 @@ def test_aggregation_baselines_agree(tiny_resnet):
         np.testing.assert_allclose(torch_[k], exact[k], rtol=1e-5, atol=1e-6)
     with bl.Reader(1) as reader:
         floor = bl.aggregate_floor(states, keys, reader)
-    assert set(floor) == set(keys) and all(floor[k].shape == base[k].shape for k in keys)
+        assert set(floor) == set(keys) and all(floor[k].shape == base[k].shape for k in keys)
+        again = bl.aggregate_floor(states, keys, reader, out=floor)  # into the caller's buffers
+    assert again is floor and all(not floor[k].any() for k in keys)
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -180,6 +182,22 @@ def test_peak_rss_delta_sees_an_allocation():
     delta = timing.peak_rss_delta(lambda: np.ones(8 << 20))  # 64 MiB
     if delta is not None:
         assert delta > 32 << 20
+
+
+def test_peak_rss_delta_sees_memory_the_buffer_cache_would_hide():
+    from mars_native import _core
+
+    def filled():
+        a = _core.cached_zeros(8 << 20)  # 64 MiB
+        a[:] = 1.0
+        return a
+
+    filled()  # (dropped at once: its block is cached, a second call would reuse mapped pages)
+    assert _core.buffer_cache_info()["cached_bytes"] >= 64 << 20
+    delta = timing.peak_rss_delta(filled)
+    if delta is not None:
+        assert delta > 32 << 20
+    assert _core.buffer_cache_info()["limit_bytes"] == 512 << 20  # (restored)
 
 
 # ---------------------------------------------------------------------------------- the runner

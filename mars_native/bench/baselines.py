@@ -142,14 +142,17 @@ def read_floor(arrays: Sequence[np.ndarray], reader: Reader) -> float:
     return reader.read(arrays)
 
 
-def aggregate_floor(states: Sequence[State], keys: Sequence[str], reader: Reader) -> dict[str, np.ndarray]:
-    """The aggregation floor: read every input tensor once and write one fresh output per key."""
+def aggregate_floor(states: Sequence[State], keys: Sequence[str], reader: Reader,
+                    out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The aggregation floor: read every input tensor once and write one output per key, into
+    ``out`` when given (buffers allocated once by the caller, so that the floor pays no page
+    faults: mars_native's outputs reuse freed blocks of its buffer cache), else into fresh
+    arrays."""
     reader.read([s[k] for s in states for k in keys])
-    out = {}
+    if out is None:
+        out = {k: np.empty_like(states[0][k]) for k in keys}
     for k in keys:
-        o = np.empty_like(states[0][k])
-        o.fill(0)
-        out[k] = o
+        out[k].fill(0)
     return out
 
 

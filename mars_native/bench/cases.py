@@ -222,11 +222,12 @@ class Suite:
             with bl.torch_threads(t):
                 return bl.aggregate_torch(states, keys)
 
+        floor_out = {k: np.empty_like(states[0][k]) for k in keys}
         impls = {
             "mars_native": lambda: bl.aggregate_native(states, keys, n_threads=t),
             "numpy": lambda: bl.aggregate_numpy(states, keys),
             "torch_stack_mean": torch_mean,
-            "floor": lambda: bl.aggregate_floor(states, keys, reader),
+            "floor": lambda: bl.aggregate_floor(states, keys, reader, out=floor_out),
         }
         figures = self._time(impls)
         nat, ref, tor = impls["mars_native"](), impls["numpy"](), torch_mean()

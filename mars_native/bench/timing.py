@@ -158,8 +158,14 @@ class RssSampler:
 
 
 def _release_free_memory() -> None:
-    """Hand the C allocator's free pages back to the OS (glibc ``malloc_trim``), so that memory
-    freed by earlier cases is not silently reused and hidden from the next RSS measurement."""
+    """Hand the free memory back to the OS, so that memory freed by earlier cases is not
+    silently reused and hidden from the next RSS measurement: mars_native's buffer cache (its
+    limit set to 0 and back) and the C allocator's free pages (glibc ``malloc_trim``)."""
+    from mars_native import _core
+
+    limit = _core.buffer_cache_info()["limit_bytes"]
+    _core.set_buffer_cache_limit(0)
+    _core.set_buffer_cache_limit(limit)
     try:
         import ctypes
 
@@ -170,9 +176,10 @@ def _release_free_memory() -> None:
 
 def peak_rss_delta(fn: Callable[[], Any]) -> float | None:
     """Peak resident memory (bytes) above the level before ``fn()`` while it runs, its result
-    still held (None where /proc is unavailable). RSS is sampled every 2 ms. Free memory the
-    allocator keeps is first returned to the OS (glibc ``malloc_trim``); on other C libraries
-    reused free memory is not counted, so figures may read low there."""
+    still held (None where /proc is unavailable). RSS is sampled every 2 ms. Free memory that
+    mars_native's buffer cache and the C allocator keep is first returned to the OS (the cache
+    emptied, glibc ``malloc_trim``); on other C libraries reused free memory is not counted, so
+    figures may read low there."""
     if not os.path.exists("/proc/self/statm"):
         return None
     gc.collect()

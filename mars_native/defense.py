@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mars_native import _core, _cuda
-from mars_native._arrays import NATIVE_FLOAT_DTYPES, is_mapping, to_numpy
+from mars_native import _cuda
+from mars_native._arrays import is_mapping, to_numpy
 from mars_native._native import wasserstein_1d
 from mars_native.cluster import KWMeans
 from mars_native.energy import (
@@ -41,6 +41,7 @@ from mars_native.validation import (
     majority_template,
     non_finite_reason,
     on_device,
+    scan_keys,
     state_template,
     state_templates,
 )
@@ -368,28 +369,14 @@ class MARS:
         if not all(type(k) is str for k in keys):
             return None
         skip = frozenset(layer.weight_key for layer in layers)
-        floats = [(k, template[k][1]) for k in keys  # (in the client's key order)
-                  if template[k][1].kind in "fc" and math.prod(template[k][0]) and k not in skip]
-        finite_keys = ([k for k, _ in floats] if all(d in NATIVE_FLOAT_DTYPES for _, d in floats)
-                       else None)
+        finite_keys = scan_keys(((k, math.prod(template[k][0]), template[k][1]) for k in keys), skip)
         return _LayoutPlan(keys, layers, skip, finite_keys)
 
     def _planned_checks(self, state: dict, plan: _LayoutPlan) -> tuple[list[Layer], str | None]:
         """:meth:`_host_checks` of a dict of NumPy arrays with the plan's layout: the same result,
         from the plan (its layout checks and layers hold for every client of that layout), with
         the finiteness test of the client's own values."""
-        reason = None
-        if plan.finite_keys is None:
-            reason = check_finite(state, skip=plan.skip)
-        elif plan.finite_keys:
-            try:
-                bad = int(_core.first_non_finite([state[k] for k in plan.finite_keys]))
-            except (TypeError, ValueError):  # e.g. a strided view: the general check decides
-                reason = check_finite(state, skip=plan.skip)
-            else:
-                if bad >= 0:
-                    key = plan.finite_keys[bad]
-                    reason = non_finite_reason(key, state[key])
+        reason = check_finite(state, skip=plan.skip, keys=plan.finite_keys)
         return ([], reason) if reason is not None else (plan.layers, None)
 
     def _no_layer_reason(self) -> str:

@@ -7,7 +7,7 @@ Codes: ``invalid_type``, ``missing_keys``, ``extra_keys``, ``shape_mismatch``, `
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import numpy as np
@@ -127,27 +127,41 @@ def non_finite_reason(key: str, arr: np.ndarray) -> str | None:
     return f"non_finite: {key!r} has {n_bad} NaN/Inf value(s) of {arr.size}" if n_bad else None
 
 
-def check_finite(state: Any, skip: Collection[str] = ()) -> str | None:
+def scan_keys(entries: Iterable[tuple[Any, int, np.dtype]], skip: Collection[str] = ()) -> list | None:
+    """The keys :func:`check_finite` scans in one native call, from ``(key, size, dtype)`` of a
+    state's tensors in key order: the non-empty float tensors not in ``skip``. None when one of
+    them is not float32/float64 (the general check then decides)."""
+    keys = []
+    for key, size, dtype in entries:
+        if dtype.kind in "fc" and size and str(key) not in skip:
+            if dtype not in NATIVE_FLOAT_DTYPES:
+                return None
+            keys.append(key)
+    return keys
+
+
+def check_finite(state: Any, skip: Collection[str] = (), keys: list | None = None) -> str | None:
     """``"non_finite: ..."`` for the first float tensor of ``state`` (a validated mapping) holding
     a NaN/Inf value, keys in ``skip`` excepted; None when all are finite. CUDA tensors are
-    checked on their device."""
+    checked on their device. ``keys``: :func:`scan_keys` of a dict of NumPy arrays when the
+    caller knows them (its layout was checked: e.g. every client of a round that shares the
+    template's layout)."""
     if on_device(state):
         from mars_native._cuda_states import non_finite_keys
 
         bad = [k for k in non_finite_keys(state) if str(k) not in skip]
         return f"non_finite: {bad[0]!r} holds NaN/Inf value(s)" if bad else None
-    if isinstance(state, dict) and is_numpy_state(state):
+    if keys is None and isinstance(state, dict) and is_numpy_state(state):
+        keys = scan_keys(((k, v.size, v.dtype) for k, v in state.items()), skip)
+    if keys is not None:
         # The common case, a dict of float32/float64 NumPy arrays: one native call (it refuses
         # strided views, and then the general path below decides).
-        floats = [(str(k), v) for k, v in state.items()
-                  if v.dtype.kind in "fc" and v.size and str(k) not in skip]
-        if all(v.dtype in NATIVE_FLOAT_DTYPES for _, v in floats):
-            try:
-                bad = int(_core.first_non_finite([v for _, v in floats]))
-            except (TypeError, ValueError):
-                pass
-            else:
-                return non_finite_reason(*floats[bad]) if bad >= 0 else None
+        try:
+            bad = int(_core.first_non_finite([state[k] for k in keys]))
+        except (TypeError, ValueError):
+            pass
+        else:
+            return non_finite_reason(str(keys[bad]), state[keys[bad]]) if bad >= 0 else None
     # float32/float64 C-contiguous arrays are checked in one native call per run of them, in key
     # order; anything else (float16, complex, strided views) one by one.
     run: list[tuple[str, np.ndarray]] = []

@@ -201,3 +201,22 @@ def test_unsupported_dtype_in_the_shared_layout_rejects_every_client_by_itself()
         s["extra"] = np.ones(3, np.complex64)
     report = MARS(epsilon=1e9).detect(states)
     assert report.reasons == ["invalid_type: 'extra' has unsupported dtype complex64"] * 4
+
+
+def test_scan_keys_and_check_finite_with_known_keys():
+    from mars_native.validation import check_finite, scan_keys
+
+    state = {"a": np.ones(3, np.float32), "n": np.arange(2), "e": np.ones(0), "b": np.ones(4),
+             "s": np.ones(2, np.float32)}
+    entries = [(k, v.size, v.dtype) for k, v in state.items()]
+    assert scan_keys(entries) == ["a", "b", "s"]
+    assert scan_keys(entries, skip={"b"}) == ["a", "s"]
+    assert scan_keys([*entries, ("h", 2, np.dtype(np.float16))]) is None  # the general check decides
+    state["s"][1] = np.nan
+    state["b"][0] = np.inf
+    assert check_finite(state) == check_finite(state, keys=scan_keys(entries)) \
+        == "non_finite: 'b' has 1 NaN/Inf value(s) of 4"
+    assert check_finite(state, skip={"b"}, keys=scan_keys(entries, {"b"})).startswith("non_finite: 's'")
+    state["b"] = np.asfortranarray(np.ones((2, 2)))  # a view the native scan refuses
+    state["b"][1, 0] = np.nan
+    assert check_finite(state, keys=["a", "b", "s"]) == "non_finite: 'b' has 1 NaN/Inf value(s) of 4"

@@ -102,6 +102,53 @@ std::vector<double> mean_weights(const py::object& weights_obj, std::size_t n) {
   return w;
 }
 
+// The arrays of `seq` (named prefix[i]): float32/float64, one dtype (returned in `kind`), one
+// shape, C-contiguous and aligned; not empty.
+std::vector<py::array> same_buffers(const py::sequence& seq, const std::string& prefix,
+                                    Float& kind) {
+  if (py::len(seq) == 0) throw std::invalid_argument(prefix + " must not be empty");
+  std::vector<py::array> buffers;
+  buffers.reserve(py::len(seq));
+  for (std::size_t i = 0; i < py::len(seq); ++i) {
+    const py::object item = seq[i];
+    const std::string name = item_name(prefix.c_str(), i);
+    const Float k = float_kind(item, name);
+    auto arr = py::reinterpret_borrow<py::array>(item);
+    if (i == 0) {
+      kind = k;
+    } else {
+      if (k != kind) {
+        throw py::type_error(name + " has " + describe(arr) + " but " + prefix + "[0] has " +
+                             describe(buffers[0]) + "; all buffers must share one dtype");
+      }
+      if (shape_of(arr) != shape_of(buffers[0])) {
+        throw std::invalid_argument(name + " has shape " + shape_str(arr) + " but " + prefix +
+                                    "[0] has shape " + shape_str(buffers[0]));
+      }
+    }
+    require_flat(arr, name);
+    buffers.push_back(std::move(arr));
+  }
+  return buffers;
+}
+
+// The base of a mean over `buffers` (named `name`): their dtype (`kind`) and shape, flat.
+// `owner` names the buffers in messages ("the buffers have", "groups[3] has").
+py::array mean_base(const py::object& obj, const std::string& name, Float kind,
+                    const py::array& first, const std::string& owner) {
+  if (float_kind(obj, name) != kind) {
+    throw py::type_error(name + " has " + describe(py::reinterpret_borrow<py::array>(obj)) +
+                         " but " + owner + " dtype " + dtype_str(first));
+  }
+  auto base = py::reinterpret_borrow<py::array>(obj);
+  if (shape_of(base) != shape_of(first)) {
+    throw std::invalid_argument(name + " has shape " + shape_str(base) + " but " + owner +
+                                " shape " + shape_str(first));
+  }
+  require_flat(base, name);
+  return base;
+}
+
 template <typename T, typename O>
 py::array aggregate_typed(const std::vector<py::array>& buffers, const std::vector<double>& w,
                           const py::array* base, double server_lr, int n_threads) {
@@ -131,46 +178,13 @@ py::array aggregate(const py::object& buffers_obj, const py::object& weights_obj
     throw py::type_error("buffers must be a list or tuple of arrays, got " +
                          py::str(py::type::of(buffers_obj)).cast<std::string>());
   }
-  const auto seq = py::reinterpret_borrow<py::sequence>(buffers_obj);
-  if (py::len(seq) == 0) throw std::invalid_argument("buffers must not be empty");
-  std::vector<py::array> buffers;
-  buffers.reserve(py::len(seq));
   Float kind = Float::f32;
-  for (std::size_t i = 0; i < py::len(seq); ++i) {
-    const py::object item = seq[i];
-    const std::string name = item_name("buffers", i);
-    const Float k = float_kind(item, name);
-    auto arr = py::reinterpret_borrow<py::array>(item);
-    if (i == 0) {
-      kind = k;
-    } else {
-      if (k != kind) {
-        throw py::type_error(name + " has " + describe(arr) + " but buffers[0] has " +
-                             describe(buffers[0]) + "; all buffers must share one dtype");
-      }
-      if (shape_of(arr) != shape_of(buffers[0])) {
-        throw std::invalid_argument(name + " has shape " + shape_str(arr) +
-                                    " but buffers[0] has shape " + shape_str(buffers[0]));
-      }
-    }
-    require_flat(arr, name);
-    buffers.push_back(std::move(arr));
-  }
+  const std::vector<py::array> buffers =
+      same_buffers(py::reinterpret_borrow<py::sequence>(buffers_obj), "buffers", kind);
   const std::vector<double> w = mean_weights(weights_obj, buffers.size());
-  py::array base;
   const bool has_base = !base_obj.is_none();
-  if (has_base) {
-    if (float_kind(base_obj, "base") != kind) {
-      throw py::type_error("base has " + describe(py::reinterpret_borrow<py::array>(base_obj)) +
-                           " but the buffers have dtype " + dtype_str(buffers[0]));
-    }
-    base = py::reinterpret_borrow<py::array>(base_obj);
-    if (shape_of(base) != shape_of(buffers[0])) {
-      throw std::invalid_argument("base has shape " + shape_str(base) +
-                                  " but the buffers have shape " + shape_str(buffers[0]));
-    }
-    require_flat(base, "base");
-  }
+  py::array base;
+  if (has_base) base = mean_base(base_obj, "base", kind, buffers[0], "the buffers have");
   const Float out_kind = parse_out_dtype(out_dtype, kind);
   const py::array* bp = has_base ? &base : nullptr;
   if (kind == Float::f32) {
@@ -225,52 +239,22 @@ py::list aggregate_many(const py::object& groups_obj, const py::object& weights_
     const std::string gname = item_name("groups", k);
     const auto group = sequence_arg(groups[k], gname);
     if (k == 0) {
-      n_buffers = py::len(group);
-      if (n_buffers == 0) throw std::invalid_argument("groups[0] must not be empty");
+      n_buffers = py::len(group);  // (same_buffers: not empty)
     } else if (py::len(group) != n_buffers) {
       throw std::invalid_argument(gname + " has " + std::to_string(py::len(group)) +
                                   " arrays but groups[0] has " + std::to_string(n_buffers));
     }
     Float kind = Float::f32;
-    std::vector<py::ssize_t> shape;
-    py::array first;
-    for (std::size_t i = 0; i < n_buffers; ++i) {
-      const py::object item = group[i];
-      const std::string name = gname + "[" + std::to_string(i) + "]";
-      const Float k_i = float_kind(item, name);
-      auto arr = py::reinterpret_borrow<py::array>(item);
-      if (i == 0) {
-        kind = k_i;
-        shape = shape_of(arr);
-        first = arr;
-      } else if (k_i != kind) {
-        throw py::type_error(name + " has " + describe(arr) + " but " + gname +
-                             "[0] has dtype " + dtype_str(first));
-      } else if (shape_of(arr) != shape) {
-        throw std::invalid_argument(name + " has shape " + shape_str(arr) + " but " + gname +
-                                    "[0] has shape " + shape_str(first));
-      }
-      require_flat(arr, name);
-      pointers[k].push_back(arr.data());
-      keep.push_back(std::move(arr));
-    }
+    std::vector<py::array> arrays = same_buffers(group, gname, kind);
+    for (const py::array& arr : arrays) pointers[k].push_back(arr.data());
+    const std::vector<py::ssize_t> shape = shape_of(arrays[0]);
     const void* base = nullptr;
     if (has_bases && !py::object(bases[k]).is_none()) {
-      const py::object base_obj = bases[k];
-      const std::string bname = item_name("bases", k);
-      auto b = py::reinterpret_borrow<py::array>(base_obj);
-      if (float_kind(base_obj, bname) != kind) {
-        throw py::type_error(bname + " has " + describe(b) + " but " + gname + " has dtype " +
-                             dtype_str(first));
-      }
-      if (shape_of(b) != shape) {
-        throw std::invalid_argument(bname + " has shape " + shape_str(b) + " but " + gname +
-                                    " has shape " + shape_str(first));
-      }
-      require_flat(b, bname);
+      py::array b = mean_base(bases[k], item_name("bases", k), kind, arrays[0], gname + " has");
       base = b.data();
       keep.push_back(std::move(b));
     }
+    for (py::array& arr : arrays) keep.push_back(std::move(arr));
     const Float out_kind =
         per_group_dtype ? parse_out_dtype(py::object(out_dtypes[k]), kind) : kind;
     py::array out = out_kind == Float::f32 ? make_output<float>(shape) : make_output<double>(shape);

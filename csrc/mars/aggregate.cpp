@@ -178,21 +178,11 @@ void mean_task(const MeanJob& job, const std::vector<std::int64_t>& active, cons
 template <typename T, typename O>
 void aggregate(const T* const* buffers, const double* weights, std::int64_t n_buffers,
                std::int64_t n_elems, O* out, int n_threads, const T* base, double server_lr) {
-  double total_weight = 0.0;
-  for (std::int64_t i = 0; i < n_buffers; ++i) total_weight += weights[i];
-  // A zero weight means "not included": the buffer is not read.
-  std::vector<const T*> xs;
-  std::vector<double> ws;
-  for (std::int64_t i = 0; i < n_buffers; ++i) {
-    if (weights[i] != 0.0) {
-      xs.push_back(buffers[i]);
-      ws.push_back(weights[i]);
-    }
-  }
-  const std::int64_t m = static_cast<std::int64_t>(xs.size());
-  parallel::parallel_for(n_elems, n_threads, kGrain, [&](std::int64_t begin, std::int64_t end) {
-    mean_range<T, O>(xs.data(), ws.data(), m, total_weight, begin, end, out, base, server_lr);
-  });
+  // One tensor is one job of aggregate_many (the same loops, tasks and values).
+  const std::vector<const void*> pointers(buffers, buffers + n_buffers);
+  const MeanJob job{pointers.data(), base, out, n_elems, std::is_same_v<T, double>,
+                    std::is_same_v<O, double>};
+  aggregate_many(&job, 1, weights, n_buffers, n_threads, server_lr);
 }
 
 void aggregate_many(const MeanJob* jobs, std::int64_t n_jobs, const double* weights,

@@ -375,8 +375,8 @@ def _means_in_one_call(specs: Sequence[_Spec], states: Sequence[Mapping[str, Any
         if not spec.is_float:
             continue
         try:
-            arrays = [state[spec.key] if type(state[spec.key]) is np.ndarray
-                      else _native(state[spec.key], spec.key) for state in states]
+            arrays = [x if type(x) is np.ndarray else _native(x, spec.key)
+                      for x in (state[spec.key] for state in states)]
             base = None if global_state is None else _native(global_state[spec.key], spec.key)
         except (TypeError, ValueError):
             continue
